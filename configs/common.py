@@ -1,0 +1,184 @@
+"""Shared config pieces: every experiment config assembles these and overrides fields.
+
+Config files follow big_vision: `get_config(arg)` where `arg` is the text after a colon,
+e.g. `configs/scratch.py:runlocal,size=base`. `parse_arg` turns it into a ConfigDict.
+"""
+
+import ml_collections
+
+# Model shapes by name. `base` is BERT-base; `small` is the benchmark's SMALL shape.
+MODEL_SIZES = {
+    "tiny": dict(num_layers=2, hidden=64, num_heads=4, mlp_dim=128),
+    "small": dict(num_layers=4, hidden=256, num_heads=4, mlp_dim=1024),
+    "base": dict(num_layers=12, hidden=768, num_heads=12, mlp_dim=3072),
+    "large": dict(num_layers=24, hidden=1024, num_heads=16, mlp_dim=4096),
+}
+
+# Logical axis -> mesh axes (MaxText style). Changing parallelism is an edit here.
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("classes", None),
+    ("position", None),
+    ("norm", None),
+    ("layers", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+)
+
+
+def parse_arg(arg, **defaults):
+    """`"runlocal,size=base"` -> ConfigDict(runlocal=True, size="base") over `defaults`.
+
+    A bare word sets a boolean flag; `k=v` values are cast to the type of the default.
+    Unknown keys fail here, naming the key and what is accepted.
+    """
+    parsed = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(
+                f"Unknown config argument {key!r} in {arg!r}; accepted: {sorted(defaults)}"
+            )
+        default = defaults[key]
+        if not _:
+            parsed[key] = True
+        elif isinstance(default, bool):
+            parsed[key] = value.lower() in ("1", "true", "yes")
+        elif default is None:
+            parsed[key] = value
+        else:
+            parsed[key] = type(default)(value)
+    return parsed
+
+
+def model_config(size="small", **overrides):
+    if size not in MODEL_SIZES:
+        raise ValueError(f"Unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    m = ml_collections.ConfigDict(
+        dict(
+            vocab_size=8192,
+            max_len=512,
+            type_vocab_size=0,  # BERT's token-type (segment A/B) embeddings; 0 disables.
+            head_dim=-1,  # -1: hidden // num_heads.
+            dropout=0.1,
+            attention_dropout=0.1,
+            norm="post",  # "pre" (GPT-2/T5) or "post" (original BERT).
+            layer_norm_eps=1e-12,
+            init="truncated_normal",  # "truncated_normal" (BERT) | "xavier" | "he".
+            init_std=0.02,  # Used by truncated_normal.
+            dtype="float32",  # Compute dtype; bfloat16 on accelerators.
+            param_dtype="float32",
+            attention_mask="bidirectional",  # "bidirectional" | "causal" | "prefix".
+            attention_impl="xla",  # "xla" (einsum reference) | "dot_product" (jax.nn).
+            remat="none",  # "none" | "full" | "dots_saveable": activation rematerialisation.
+            num_classes=45,
+            pooling="cls",  # "cls" | "mean" for the sequence classification head.
+            heads=("classify",),  # Any of "classify", "mlm", "lm".
+            mlm_transform=True,  # BERT's dense+gelu+LN before the tied MLM decoder.
+        )
+    )
+    m.update(MODEL_SIZES[size])
+    m.update(overrides)
+    return m
+
+
+def base_config():
+    """Every field any stage may read. Experiment configs override, never add."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # "" keeps JAX's default (threefry); "unsafe_rbg" makes dropout masks much cheaper.
+    c.prng_impl = ""
+    c.task = "classify"  # Objective: "classify" (supervised) | "mlm" (issue 3) ...
+    c.model = model_config()
+    c.init_from = ""  # Workdir or checkpoint path to initialise matching params from.
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="wordnet",  # "wordnet" | "tfds" | "local"
+            data_dir="",  # tfds data dir; "" -> $STRATA_DATA_DIR or ~/.cache/strata/tfds
+            wordnet_dir="",  # "" -> $WORDNET_DIR or /usr/share/wordnet
+            tfds_name="",  # For source="tfds": e.g. "imdb_reviews".
+            text_key="text",
+            label_key="label",
+            local_files=(),  # For source="local": .txt (a document per line) / .jsonl
+            local_name="",  # Names the built local corpus in data_dir.
+            train_split="train",
+            eval_split="validation",
+            test_split="test",
+            seq_len=128,
+            vocab_size=8192,  # Sentencepiece vocabulary trained on the training split.
+            tokenizer_path="",  # "" -> cached beside the dataset in data_dir.
+            tokenizer_sample=200_000,  # Max training-split texts used to fit sentencepiece.
+            packing=False,  # Pack several sequences per row (pre-training) vs pad.
+            batch_size=32,  # Global batch, split over the data and fsdp mesh axes.
+            eval_batch_size=64,
+            shuffle_buffer_seed=0,
+            worker_count=0,  # grain worker processes; 0 = in the main process.
+            label_fraction=1.0,
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-3,
+            schedule="cosine",  # "cosine" | "linear" | "constant"
+            warmup_steps=100,
+            end_lr_factor=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,  # Applied to matrices only: never biases or norms.
+            clip_norm=1.0,  # 0 disables.
+            grad_accum_steps=1,
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=1000,
+            log_every=50,
+            eval_every=250,
+            eval_steps=-1,  # -1: the whole eval split.
+            checkpoint_every=250,
+            keep_checkpoints=3,
+            best_metric="eval/accuracy",
+            best_mode="max",
+            class_weighted_loss=False,
+            label_smoothing=0.0,
+            progress=True,
+        )
+    )
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.logical_axis_rules = LOGICAL_AXIS_RULES
+    return c
+
+
+def apply_runlocal(c):
+    """Shrink any config to a seconds-long CPU run (big_vision's `runlocal`)."""
+    c.model.update(MODEL_SIZES["tiny"])
+    c.model.max_len = 64
+    c.data.seq_len = 64
+    c.data.vocab_size = 1000
+    c.data.batch_size = 16
+    c.data.eval_batch_size = 64
+    c.optim.warmup_steps = 10
+    c.train.num_steps = 60
+    c.train.log_every = 10
+    c.train.eval_every = 30
+    c.train.eval_steps = 4
+    c.train.checkpoint_every = 30
+    return c

@@ -1,0 +1,48 @@
+"""Entry point for every stage: `python -m launch.main --config configs/X.py --workdir W`.
+
+Any config field is overridable (`--config.optim.lr=3e-4`); config files take
+big_vision-style arguments after a colon (`configs/scratch.py:runlocal,size=base`).
+`--dry_run` builds the model abstractly, writes `W/params.json` and exits.
+"""
+
+import json
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Count parameters abstractly and exit.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from train.config_checks import validate
+
+    config = _CONFIG.value
+    validate(config)
+    if config.prng_impl:
+        jax.config.update("jax_default_prng_impl", config.prng_impl)
+    from train import loop
+
+    if _DRY_RUN.value:
+        counts = loop.dry_run(config, _WORKDIR.value)
+        print(json.dumps(counts, indent=2))
+        return
+    results = loop.train_and_evaluate(config, _WORKDIR.value)
+    print(json.dumps(results, indent=2, default=str))
+
+
+def run():
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

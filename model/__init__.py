@@ -1,0 +1,1 @@
+"""The shared transformer (`Model`) and its pieces."""

@@ -1,0 +1,56 @@
+"""Start-up validation: a wrong value fails in seconds, naming the key and what it takes."""
+
+from model.attention import MASK_MODES
+from model.initializers import INITS
+from model.transformer import HEADS
+from train.optimizer import SCHEDULES
+
+CHOICES = {
+    "task": ("classify",),
+    "model.attention_mask": MASK_MODES,
+    "model.init": INITS,
+    "model.norm": ("pre", "post"),
+    "model.pooling": ("cls", "mean"),
+    "model.attention_impl": ("xla", "dot_product"),
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "optim.schedule": SCHEDULES,
+    "data.source": ("wordnet", "tfds", "local"),
+    "prng_impl": ("", "threefry2x32", "rbg", "unsafe_rbg"),
+}
+
+
+def _get(config, dotted):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config):
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value not in allowed:
+            raise ValueError(f"config.{key}={value!r}; expected one of {tuple(allowed)}")
+    unknown_heads = set(config.model.heads) - set(HEADS)
+    if unknown_heads:
+        raise ValueError(f"config.model.heads has {sorted(unknown_heads)}; expected from {HEADS}")
+    if config.task == "classify" and "classify" not in config.model.heads:
+        raise ValueError("config.task='classify' needs 'classify' in config.model.heads")
+    if config.data.seq_len > config.model.max_len:
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="
+            f"{config.model.max_len}")
+    accum = config.optim.grad_accum_steps
+    if accum < 1 or config.data.batch_size % accum:
+        raise ValueError(
+            f"config.optim.grad_accum_steps={accum} must be >= 1 and divide "
+            f"config.data.batch_size={config.data.batch_size}")
+    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+        if config.train[key] < 1:
+            raise ValueError(f"config.train.{key}={config.train[key]} must be >= 1")
+    if config.model.hidden % config.model.num_heads and config.model.head_dim in (-1, None):
+        raise ValueError(
+            f"config.model.hidden={config.model.hidden} is not divisible by "
+            f"config.model.num_heads={config.model.num_heads}; set config.model.head_dim")

@@ -1,0 +1,199 @@
+"""The one train loop every stage runs: config -> data -> compiled steps -> checkpoints.
+
+Read it top to bottom (big_vision style). Side effects (I/O, logging, checkpoints) live
+here; the steps, losses and model are pure.
+"""
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from train import checkpoints as ckpt
+from train import flops, model_setup, objectives, partitioning
+from train.data import pipeline, sources, tokenizer
+from train.metrics_log import MetricsLog
+from train.optimizer import make_optimizer
+from train.run_record import write_run_record
+from train.steps import make_eval_step, make_train_step
+
+log = logging.getLogger("strata")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def dry_run(config, workdir):
+    """Build model and optimizer abstractly; write `params.json`; allocate nothing."""
+    model = model_setup.build_model(config)
+    tx, _ = make_optimizer(config.optim, config.train.num_steps)
+    _, abstract = model_setup.abstract_train_state(model, tx, config.data.seq_len)
+    counts = model_setup.parameter_counts(abstract.params)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "params.json"), "w") as f:
+        json.dump(counts, f, indent=2)
+    return counts
+
+
+def train_and_evaluate(config, workdir):
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns results."""
+    # --- Record the run -----------------------------------------------------------
+    write_run_record(workdir, config)
+    rules = tuple(tuple(r) for r in config.logical_axis_rules)
+
+    # --- Set up the mesh ------------------------------------------------------------
+    mesh = partitioning.make_mesh(config.mesh)
+    partitioning.check_batch_divides(config.data.batch_size, mesh)
+    partitioning.check_batch_divides(config.data.eval_batch_size, mesh,
+                                     "config.data.eval_batch_size")
+    batch_sharding = partitioning.batch_sharding(mesh)
+    log.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
+             jax.devices()[0].device_kind)
+
+    # --- Data -----------------------------------------------------------------------
+    data_cfg = config.data
+    train_source = sources.load_split(data_cfg, data_cfg.train_split)
+    tok = tokenizer.load_or_train(data_cfg)
+    if tok.vocab_size != config.model.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
+            f"{tok.vocab_size} pieces (config.data.vocab_size={data_cfg.vocab_size})")
+    train_iter = pipeline.make_train_iterator(train_source, tok, data_cfg, seed=config.seed)
+
+    def eval_batches(split):
+        source = sources.load_split(data_cfg, split)
+        return pipeline.make_eval_iterator(source, tok, data_cfg)
+
+    # --- Model, optimizer, objective ------------------------------------------------
+    model = model_setup.build_model(config)
+    num_steps = config.train.num_steps
+    tx, schedule = make_optimizer(config.optim, num_steps)
+    class_weights = None
+    if config.train.class_weighted_loss:
+        class_weights = objectives.balanced_class_weights(
+            sources.label_counts(train_source, config.model.num_classes))
+    objective = objectives.make_objective(config, class_weights)
+
+    # --- Shard and initialise, or resume ------------------------------------------------
+    boxed, abstract = model_setup.abstract_train_state(model, tx, data_cfg.seq_len)
+    shardings = model_setup.state_shardings(boxed, mesh, rules)
+    counts = model_setup.parameter_counts(abstract.params)
+    log.info("Parameters: %s total, %s trainable", f"{counts['total']:,}",
+             f"{counts['trainable']:,}")
+    checkpoints = ckpt.Checkpoints(workdir, config.train)
+    start_step = checkpoints.latest_step()
+    if start_step is not None:
+        state, data_state = checkpoints.restore(
+            ckpt.abstract_with_shardings(abstract, shardings))
+        train_iter.set_state(data_state)
+        log.info("Resumed from step %d in %s", start_step, workdir)
+    else:
+        start_step = 0
+        state = model_setup.init_train_state(model, tx, data_cfg.seq_len, config.seed,
+                                             shardings)
+
+    # --- Compile the steps ------------------------------------------------------------
+    replicated = partitioning.replicated(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        train_step = jax.jit(
+            make_train_step(model, tx, objective, seed=config.seed,
+                            grad_accum_steps=config.optim.grad_accum_steps,
+                            schedule=schedule),
+            in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+            donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(model, objective),
+                            in_shardings=(shardings.params, batch_sharding),
+                            out_shardings=replicated)
+
+    def evaluate(params, split, max_steps):
+        totals = None
+        for i, local in enumerate(eval_batches(split)):
+            if 0 <= max_steps <= i:
+                break
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                sums = eval_step(params, pipeline.to_global_batch(local, mesh))
+            totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+            totals = jax.tree_util.tree_map(np.asarray, totals)
+        return objective.finalize(totals)
+
+    # --- Train ----------------------------------------------------------------------
+    flops_per_token = flops.train_flops_per_token(model.cfg, data_cfg.seq_len)
+    peak = flops.measured_peak_flops() * jax.device_count()
+    metrics_log = MetricsLog(workdir, num_steps, start_step, config.train.progress)
+    preempted = {"flag": False}
+    previous_handler = signal.signal(
+        signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
+    running, running_steps, tokens, real_tokens = None, 0, 0, 0
+    interval_start = train_start = time.perf_counter()
+    step = start_step
+    try:
+        while step < num_steps:
+            local = next(train_iter)
+            tokens += local["tokens"].size * jax.process_count()
+            real_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                state, metrics = train_step(state, pipeline.to_global_batch(local, mesh))
+            step += 1
+            running = metrics if running is None else jax.tree_util.tree_map(
+                lambda a, b: a + b, running, metrics)
+            running_steps += 1
+
+            is_last = step == num_steps
+            is_eval = is_last or step % config.train.eval_every == 0
+            is_save = is_last or step % config.train.checkpoint_every == 0 \
+                or preempted["flag"] or checkpoints.reached_preemption(step)
+            if step % config.train.log_every == 0 or is_eval or is_save:
+                averaged = {k: float(v) / running_steps for k, v in running.items()}
+                if not np.isfinite(averaged["loss"]):
+                    raise NonFiniteLossError(
+                        f"Non-finite training loss ({averaged['loss']}) by step {step}; "
+                        f"stopping without saving. The last good checkpoint is "
+                        f"step {checkpoints.latest_step()} in {workdir}. Lower "
+                        f"config.optim.lr or check the data.")
+                elapsed = time.perf_counter() - interval_start
+                record = {f"train/{k}": v for k, v in averaged.items()}
+                record["train/learning_rate"] = float(metrics["learning_rate"])
+                record["tokens_per_s"] = tokens / elapsed
+                record["real_tokens_per_s"] = real_tokens / elapsed
+                record["steps_per_s"] = running_steps / elapsed
+                record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
+                if is_eval:
+                    record.update({f"eval/{k}": v for k, v in evaluate(
+                        state.params, data_cfg.eval_split, config.train.eval_steps).items()})
+                metrics_log.write(step, record)
+                eta = (num_steps - step) / max(record["steps_per_s"], 1e-9)
+                metrics_log.progress(step, {"loss": f"{averaged['loss']:.4f}",
+                                            "tok/s": f"{record['tokens_per_s']:,.0f}",
+                                            "eta": f"{eta:,.0f}s"})
+                running, running_steps, tokens, real_tokens = None, 0, 0, 0
+                interval_start = time.perf_counter()
+                if is_save:
+                    checkpoints.save(step, state, train_iter.get_state(), force=True)
+                if is_eval:
+                    checkpoints.save_best(step, state, train_iter.get_state(), {
+                        k: v for k, v in record.items() if k.startswith("eval/")})
+            if preempted["flag"] or checkpoints.reached_preemption(step):
+                log.warning("Preempted at step %d: checkpoint saved, exiting.", step)
+                checkpoints.wait()
+                return {"preempted_at_step": step}
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        checkpoints.wait()
+        checkpoints.close()
+        metrics_log.close()
+
+    # --- Final evaluation -------------------------------------------------------------
+    results = {"step": step, "train_time_s": time.perf_counter() - train_start,
+               "parameters": counts}
+    for split in (data_cfg.eval_split, data_cfg.test_split):
+        results[split] = evaluate(state.params, split, -1)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results

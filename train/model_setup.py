@@ -1,0 +1,74 @@
+"""Model, optimizer and train state built abstractly first, then sharded on the mesh.
+
+`abstract_train_state` runs `init` under `jax.eval_shape` (no weights allocated), which
+is what `--dry_run` and the ahead-of-time shardings use.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from model.transformer import Model, resolve
+from train.steps import TrainState
+
+
+def build_model(config):
+    if config.data.seq_len > config.model.max_len:
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="
+            f"{config.model.max_len} (the position-embedding table)")
+    return Model(resolve(config.model))
+
+
+def make_init_fn(model, tx, seq_len):
+    """key -> TrainState whose params/opt_state are boxed with logical axis names."""
+    def init_fn(key):
+        tokens = jnp.zeros((1, seq_len), jnp.int32)
+        params = model.init({"params": key}, tokens, deterministic=True,
+                            heads=model.cfg.heads)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params))
+    return init_fn
+
+
+def state_shardings(abstract_boxed, mesh, rules):
+    """Logical names -> NamedShardings; unnamed leaves (step, counts) are replicated."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    specs = jax.tree_util.tree_map(
+        lambda s: PartitionSpec() if s is None else s, specs,
+        is_leaf=lambda s: s is None or isinstance(s, PartitionSpec))
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, nn.logical_to_mesh_axes(s, rules)), specs,
+        is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def abstract_train_state(model, tx, seq_len):
+    """(boxed abstract state, unboxed abstract state); allocates nothing."""
+    boxed = jax.eval_shape(make_init_fn(model, tx, seq_len), jax.random.key(0))
+    return boxed, nn.unbox(boxed)
+
+
+def init_train_state(model, tx, seq_len, seed, shardings):
+    init_fn = make_init_fn(model, tx, seq_len)
+    # Each shard is initialised where it lives: no full copy on one device.
+    return jax.jit(lambda key: nn.unbox(init_fn(key)), out_shardings=shardings)(
+        jax.random.key(seed))
+
+
+def parameter_counts(params, trainable=None):
+    """{"total", "trainable", "by_module"} over a (possibly abstract) params tree.
+
+    `by_module` groups by the first two path components, e.g. "encoder/block_0".
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    by_module, total = {}, 0
+    for path, leaf in flat:
+        names = [getattr(k, "key", str(k)) for k in path]
+        size = int(np.prod(leaf.shape))
+        module = "/".join(names[:2]) if names[0] == "encoder" else names[0]
+        by_module[module] = by_module.get(module, 0) + size
+        total += size
+    return {"total": total, "trainable": total if trainable is None else trainable,
+            "by_module": by_module}

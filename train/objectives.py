@@ -1,0 +1,110 @@
+"""Objectives: pure functions from model outputs and a batch to summed loss and metrics.
+
+Each returns sums (not means) so that gradient accumulation and multi-batch evaluation
+divide once by the total weight, exactly.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+    """Sequence classification with optional class weights and label smoothing.
+
+    Class-weighted loss follows torch's CrossEntropyLoss(weight=...): each example counts
+    with its class's weight, and the mean divides by the summed weights.
+    """
+
+    num_classes: int
+    class_weights: tuple | None = None
+    label_smoothing: float = 0.0
+    heads: tuple = ("classify",)
+
+    def loss(self, outputs, batch):
+        """-> (loss_sum, weight_sum, metric_sums) over a batch of [batch] examples."""
+        logits = outputs["classify"].astype(jnp.float32)
+        labels = batch["labels"]
+        targets = jax.nn.one_hot(labels, self.num_classes)
+        if self.label_smoothing:
+            targets = optax.smooth_labels(targets, self.label_smoothing)
+        per_example = optax.softmax_cross_entropy(logits, targets)
+        weight = batch["example_weight"].astype(jnp.float32)
+        if self.class_weights is not None:
+            weight = weight * jnp.asarray(self.class_weights, jnp.float32)[labels]
+        predictions = jnp.argmax(logits, -1)
+        real = batch["example_weight"].astype(jnp.float32)
+        sums = {
+            "correct": jnp.sum((predictions == labels) * real),
+            "examples": jnp.sum(real),
+            # Rows: true class, columns: predicted; for macro-F1 at the end of eval.
+            "confusion": jnp.einsum(
+                "b,bi,bj->ij", real, jax.nn.one_hot(labels, self.num_classes),
+                jax.nn.one_hot(predictions, self.num_classes)),
+        }
+        return jnp.sum(per_example * weight), jnp.sum(weight), sums
+
+    def finalize(self, sums):
+        """Host-side: summed metrics -> reported numbers."""
+        out = {"loss": float(sums["loss_sum"] / max(sums["weight"], 1e-9)),
+               "accuracy": float(sums["correct"] / max(sums["examples"], 1e-9))}
+        if "confusion" in sums:
+            out["macro_f1"] = macro_f1(np.asarray(sums["confusion"]))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLM:
+    """BERT's masked-LM loss, computed only at the chosen positions.
+
+    The batch carries `mlm_positions` [batch, P] (indices into the sequence),
+    `mlm_targets` [batch, P] (original tokens) and `mlm_weights` [batch, P] (1 for a
+    chosen position, 0 for padding of the fixed-size P).
+    """
+
+    heads: tuple = ("mlm",)
+
+    def loss(self, outputs, batch):
+        logits = outputs["mlm"].astype(jnp.float32)
+        targets, weights = batch["mlm_targets"], batch["mlm_weights"].astype(jnp.float32)
+        per_position = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        correct = (jnp.argmax(logits, -1) == targets) * weights
+        total = jnp.sum(weights)
+        sums = {"correct": jnp.sum(correct), "examples": total}
+        return jnp.sum(per_position * weights), total, sums
+
+    def finalize(self, sums):
+        return {"loss": float(sums["loss_sum"] / max(sums["weight"], 1e-9)),
+                "accuracy": float(sums["correct"] / max(sums["examples"], 1e-9))}
+
+
+def macro_f1(confusion):
+    """Mean F1 over classes that occur in the labels or the predictions (sklearn's
+    `f1_score(average="macro")` over the present labels)."""
+    confusion = np.asarray(confusion, np.float64)
+    tp = np.diag(confusion)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    present = (support + predicted) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(support + predicted, 1e-12), 0.0)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def balanced_class_weights(label_counts):
+    """n_samples / (n_classes * count_c), sklearn's "balanced"; absent classes get 0."""
+    counts = np.asarray(label_counts, np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return tuple(float(w) for w in weights)
+
+
+def make_objective(config, class_weights=None):
+    if config.task == "classify":
+        return Classification(
+            num_classes=config.model.num_classes, class_weights=class_weights,
+            label_smoothing=config.train.label_smoothing)
+    raise ValueError(f"config.task={config.task!r}; expected one of ('classify',)")

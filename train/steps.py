@@ -1,0 +1,87 @@
+"""The compiled train and eval steps: pure functions `(state, batch) -> (state, metrics)`."""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def model_inputs(batch):
+    """The keyword arguments `Model.__call__` takes from a batch."""
+    keys = ("segment_ids", "positions", "token_type_ids", "prefix_mask", "mlm_positions")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def split_microbatches(batch, num):
+    """[batch, ...] -> [num, batch/num, ...], micro-batch i holding rows i, i+num, ...
+
+    Strided so that each device keeps contributing its own rows to every micro-batch.
+    """
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=None):
+    base_key = jax.random.key(seed)
+
+    def loss_fn(params, batch, dropout_key):
+        outputs = model.apply(
+            {"params": params}, batch["tokens"], **model_inputs(batch),
+            deterministic=False, heads=objective.heads, rngs={"dropout": dropout_key})
+        loss_sum, weight, sums = objective.loss(outputs, batch)
+        return loss_sum, (weight, sums)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        # Dropout keys derive from (seed, step): a resumed run draws the same masks.
+        step_key = jax.random.fold_in(base_key, state.step)
+        if grad_accum_steps == 1:
+            (loss_sum, (weight, sums)), grads = grad_fn(state.params, batch, step_key)
+        else:
+            def accumulate(carry, micro):
+                index, micro_batch = micro
+                key = jax.random.fold_in(step_key, index)
+                (loss, (weight, sums)), grads = grad_fn(state.params, micro_batch, key)
+                return jax.tree_util.tree_map(jnp.add, carry, (loss, weight, sums, grads)), None
+
+            micro = split_microbatches(batch, grad_accum_steps)
+            zeros = jax.eval_shape(grad_fn, state.params,
+                                   jax.tree_util.tree_map(lambda x: x[0], micro), step_key)
+            (l0, (w0, s0)), g0 = jax.tree_util.tree_map(
+                lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+            (loss_sum, weight, sums, grads), _ = jax.lax.scan(
+                accumulate, (l0, w0, s0, g0), (jnp.arange(grad_accum_steps), micro))
+        denominator = jnp.maximum(weight, 1e-9)
+        grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denominator,
+            "accuracy": sums["correct"] / jnp.maximum(sums["examples"], 1e-9),
+            "grad_norm": optax.global_norm(grads),
+        }
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, objective):
+    def eval_step(params, batch):
+        outputs = model.apply({"params": params}, batch["tokens"], **model_inputs(batch),
+                              deterministic=True, heads=objective.heads)
+        loss_sum, weight, sums = objective.loss(outputs, batch)
+        return {"loss_sum": loss_sum, "weight": weight, **sums}
+
+    return eval_step
