@@ -65,6 +65,36 @@ def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), value)
 
 
+class Linear(nn.Module):
+    """x [..., *in_shape] -> [..., *features] with a kernel [*in_shape, *features].
+
+    Unlike nn.DenseGeneral, the kernel keeps its multi-axis shape all the way through
+    init, so its logical axis names (and sharding constraints) apply to the real array.
+    """
+
+    features: tuple
+    logical_axes: tuple  # Names for the kernel's axes; the bias takes the last ones.
+    in_ndim: int = 1
+    init: str = "truncated_normal"
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[-self.in_ndim:]
+        kernel = self.param(
+            "kernel", initializers.kernel(self.init, self.init_std, self.logical_axes,
+                                          self.in_ndim),
+            (*in_shape, *self.features), self.param_dtype)
+        bias = self.param("bias", initializers.zeros(self.logical_axes[self.in_ndim:]),
+                          self.features, self.param_dtype)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        contract = tuple(range(x.ndim - self.in_ndim, x.ndim))
+        y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.in_ndim))), ((), ())))
+        return y + bias
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention over [batch, seq, embed]; `decode=True` uses a KV cache.
 
@@ -88,15 +118,9 @@ class MultiHeadAttention(nn.Module):
         embed = x.shape[-1]
 
         def projection(name):
-            return nn.DenseGeneral(
-                (self.num_heads, self.head_dim),
-                # DenseGeneral hands the initialiser the flattened 2-D shape, so fans
-                # are embed -> heads*head_dim.
-                kernel_init=initializers.kernel(self.init, self.init_std,
-                                                ("embed", "heads", "kv")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-                dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            )(x)
+            return Linear((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+                          init=self.init, init_std=self.init_std, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)(x)
 
         query, key, value = projection("query"), projection("key"), projection("value")
         axes = ("activation_batch", "activation_length", "activation_heads", "kv")
@@ -116,13 +140,9 @@ class MultiHeadAttention(nn.Module):
             deterministic=deterministic, dtype=self.dtype, impl=self.impl,
         )
         out = nn.with_logical_constraint(out, axes)
-        return nn.DenseGeneral(
-            embed, axis=(-2, -1),
-            kernel_init=initializers.kernel(self.init, self.init_std,
-                                            ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            dtype=self.dtype, param_dtype=self.param_dtype, name="out",
-        )(out)
+        return Linear((embed,), ("heads", "kv", "embed"), in_ndim=2, init=self.init,
+                      init_std=self.init_std, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="out")(out)
 
     def adapt_key_value(self, key, value):
         """Hook for methods that rescale or extend keys/values (PEFT); identity here."""

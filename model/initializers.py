@@ -1,5 +1,8 @@
 """Weight initialisers selectable by `config.model.init`, with logical axis names."""
 
+import math
+
+import jax.numpy as jnp
 from flax import linen as nn
 from jax.nn import initializers as jinit
 
@@ -22,9 +25,19 @@ def base(name, std=0.02):
     raise ValueError(f"config.model.init={name!r}; expected one of {INITS}")
 
 
-def kernel(name, std, logical_axes):
-    """Kernels are [fan_in, fan_out] (DenseGeneral flattens multi-axis kernels first)."""
-    return nn.with_logical_partitioning(base(name, std), logical_axes)
+def kernel(name, std, logical_axes, in_ndim=1):
+    """A kernel whose first `in_ndim` axes are fan-in and the rest fan-out.
+
+    Multi-axis kernels ([embed, heads, head_dim]) are drawn flattened to 2-D, so the fans
+    are embed -> heads*head_dim, then reshaped.
+    """
+    flat_init = base(name, std)
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in = math.prod(shape[:in_ndim])
+        return flat_init(key, (fan_in, math.prod(shape) // fan_in), dtype).reshape(shape)
+
+    return nn.with_logical_partitioning(init, logical_axes)
 
 
 def embedding(std, logical_axes):

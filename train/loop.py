@@ -59,7 +59,7 @@ def train_and_evaluate(config, workdir):
     # --- Data -----------------------------------------------------------------------
     data_cfg = config.data
     train_source = sources.load_split(data_cfg, data_cfg.train_split)
-    tok = tokenizer.load_or_train(data_cfg)
+    tok = tokenizer.get_tokenizer(data_cfg)
     if tok.vocab_size != config.model.vocab_size:
         raise ValueError(
             f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
@@ -150,9 +150,9 @@ def train_and_evaluate(config, workdir):
                 or preempted["flag"] or checkpoints.reached_preemption(step)
             if step % config.train.log_every == 0 or is_eval or is_save:
                 averaged = {k: float(v) / running_steps for k, v in running.items()}
-                if not np.isfinite(averaged["loss"]):
+                if averaged.pop("nonfinite") or not np.isfinite(averaged["loss"]):
                     raise NonFiniteLossError(
-                        f"Non-finite training loss ({averaged['loss']}) by step {step}; "
+                        f"Non-finite training loss or update by step {step}; "
                         f"stopping without saving. The last good checkpoint is "
                         f"step {checkpoints.latest_step()} in {workdir}. Lower "
                         f"config.optim.lr or check the data.")

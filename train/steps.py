@@ -64,10 +64,14 @@ def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # 1.0 where this step's loss or update is not finite; the loop stops on it
+        # before the state can reach a checkpoint.
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(optax.tree.norm(updates))
         metrics = {
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
             "loss": loss_sum / denominator,
             "accuracy": sums["correct"] / jnp.maximum(sums["examples"], 1e-9),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
