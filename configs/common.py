@@ -173,6 +173,7 @@ def apply_runlocal(c):
     c.model.max_len = 64
     c.data.seq_len = 64
     c.data.vocab_size = 1000
+    c.data.tokenizer_sample = 20_000  # Seconds, not half a minute, to fit sentencepiece.
     c.data.batch_size = 16
     c.data.eval_batch_size = 64
     c.optim.warmup_steps = 10

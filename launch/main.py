@@ -39,8 +39,10 @@ def main(argv):
 
 
 def run():
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    # Our own progress at INFO; libraries (orbax, tfds) only at WARNING.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("strata").setLevel(logging.INFO)
     app.run(main)
 
 

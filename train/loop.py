@@ -60,10 +60,10 @@ def train_and_evaluate(config, workdir):
     data_cfg = config.data
     train_source = sources.load_split(data_cfg, data_cfg.train_split)
     tok = tokenizer.get_tokenizer(data_cfg)
-    if tok.vocab_size != config.model.vocab_size:
+    if tok.vocab_size > config.model.vocab_size:
         raise ValueError(
-            f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
-            f"{tok.vocab_size} pieces (config.data.vocab_size={data_cfg.vocab_size})")
+            f"The tokenizer has {tok.vocab_size} pieces but config.model.vocab_size="
+            f"{config.model.vocab_size}; set it to at least the tokenizer's size")
     train_iter = pipeline.make_train_iterator(train_source, tok, data_cfg, seed=config.seed)
 
     def eval_batches(split):
@@ -76,8 +76,9 @@ def train_and_evaluate(config, workdir):
     tx, schedule = make_optimizer(config.optim, num_steps)
     class_weights = None
     if config.train.class_weighted_loss:
+        labels = [train_source[i]["label"] for i in range(len(train_source))]
         class_weights = objectives.balanced_class_weights(
-            sources.label_counts(train_source, config.model.num_classes))
+            np.bincount(labels, minlength=config.model.num_classes))
     objective = objectives.make_objective(config, class_weights)
 
     # --- Shard and initialise, or resume ------------------------------------------------
