@@ -38,12 +38,24 @@ def main(argv):
     print(json.dumps(results, indent=2, default=str))
 
 
+def parse_flags(argv):
+    """Flag errors as one actionable line (the key, what was wrong) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as error:
+        # ml_collections raises KeyError/AttributeError for unknown config keys.
+        detail = str(error.args[0] if error.args else error).replace("\\n", " ")
+        detail = " ".join(detail.replace("\\", "").replace("'", "").split())
+        overrides = [a for a in argv if a.startswith("--config.")]
+        sys.exit(f"FATAL: bad config override among {overrides}: {detail}")
+
+
 def run():
     # Our own progress at INFO; libraries (orbax, tfds) only at WARNING.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("strata").setLevel(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -59,10 +59,20 @@ def test_scratch_runlocal_end_to_end(wordnet_data_dir, tmp_path):
 
 
 def launch_main(workdir, data_dir, *overrides, config="configs/scratch.py:runlocal"):
-    return subprocess.Popen(
+    """Starts a training process; its output goes to `<workdir>.log` (a pipe could fill
+    up and block it)."""
+    log = open(f"{workdir}.log", "w")
+    process = subprocess.Popen(
         [sys.executable, "-m", "launch.main", f"--config={config}", f"--workdir={workdir}",
          f"--config.data.data_dir={data_dir}", "--config.train.progress=False", *overrides],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process.log_path = f"{workdir}.log"
+    return process
+
+
+def output_of(process):
+    with open(process.log_path) as f:
+        return f.read()
 
 
 def final_params(workdir):
@@ -79,7 +89,7 @@ def wait_for_checkpoint(workdir, step, process, timeout=240):
     path = os.path.join(workdir, "checkpoints", str(step))
     deadline = time.time() + timeout
     while not os.path.isdir(path):
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, output_of(process)
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
 
@@ -92,7 +102,7 @@ RESUME = ("--config.train.num_steps=40", "--config.train.checkpoint_every=10",
 def test_sigkill_and_resume_equals_uninterrupted(wordnet_data_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run = launch_main(straight, wordnet_data_dir, *RESUME)
-    assert run.wait() == 0, run.stdout.read()
+    assert run.wait() == 0, output_of(run)
 
     victim = launch_main(killed, wordnet_data_dir, *RESUME)
     wait_for_checkpoint(killed, 20, victim)
@@ -100,8 +110,8 @@ def test_sigkill_and_resume_equals_uninterrupted(wordnet_data_dir, tmp_path):
     victim.wait()
     assert not os.path.exists(killed / "results.json")
     resumed = launch_main(killed, wordnet_data_dir, *RESUME)
-    output = resumed.communicate()[0]
-    assert resumed.returncode == 0, output
+    assert resumed.wait() == 0, output_of(resumed)
+    output = output_of(resumed)
     assert "Resumed from step" in output
 
     step_a, params_a = final_params(str(straight))
@@ -126,11 +136,11 @@ def test_sigterm_saves_and_exits_cleanly(wordnet_data_dir, tmp_path):
                       "--config.train.checkpoint_every=100000")
     wait_for_metrics = time.time() + 240
     while not os.path.exists(tmp_path / "metrics.jsonl"):
-        assert run.poll() is None and time.time() < wait_for_metrics, run.stdout.read()
+        assert run.poll() is None and time.time() < wait_for_metrics, output_of(run)
         time.sleep(0.2)
     run.send_signal(signal.SIGTERM)
-    output = run.communicate(timeout=120)[0]
-    assert run.returncode == 0, output
+    assert run.wait(timeout=120) == 0, output_of(run)
+    output = output_of(run)
     assert "Preempted at step" in output
     steps = os.listdir(tmp_path / "checkpoints")
     assert len(steps) == 1 and int(steps[0]) >= 10
