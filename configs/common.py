@@ -127,6 +127,11 @@ def base_config():
             shuffle_buffer_seed=0,
             worker_count=0,  # grain worker processes; 0 = in the main process.
             label_fraction=1.0,
+            # Masked-LM examples (task="mlm"; train/data/masking.py), BERT's recipe:
+            mlm_rate=0.15,  # Fraction of non-special pieces predicted, per packed sequence.
+            mlm_whole_word=False,  # Mask whole words (all pieces of a "▁" word together).
+            mlm_dynamic=True,  # New mask each time a sequence is seen; False: one fixed mask.
+            mlm_max_predictions=-1,  # Predictions per row; -1: ceil(mlm_rate * seq_len).
         )
     )
 
@@ -143,6 +148,16 @@ def base_config():
             weight_decay=0.01,  # Applied to matrices only: never biases or norms.
             clip_norm=1.0,  # 0 disables.
             grad_accum_steps=1,
+            # Ordered (regex, multiplier) rules over "/"-joined param paths, e.g.
+            # (("encoder/(token|position)_embed/.*", None), ("encoder/block_0/.*", 0.1)):
+            # the first rule whose regex re.fullmatch-es the WHOLE path decides; its
+            # multiplier scales that param's lr (and weight decay); 0.0 or None freezes it
+            # (no optimizer state, no gradient). Unmatched params: trainable, 1.0. A rule
+            # matching no param is an error. See train/param_rules.py.
+            param_rules=(),
+            # ELECTRA-style: block i of N gets lr * decay**(N - i), embeddings
+            # decay**(N + 1), heads 1.0; multiplies param_rules' multiplier. 0 disables.
+            layerwise_lr_decay=0.0,
         )
     )
 

@@ -11,6 +11,7 @@ import sys
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -24,6 +25,9 @@ def main(argv):
     del argv
     from train.config_checks import validate
 
+    # Our own progress at INFO; libraries (orbax, tfds log through absl) at WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("strata").setLevel(logging.INFO)
     config = _CONFIG.value
     validate(config)
     if config.prng_impl:
@@ -51,10 +55,6 @@ def parse_flags(argv):
 
 
 def run():
-    # Our own progress at INFO; libraries (orbax, tfds) only at WARNING.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("strata").setLevel(logging.INFO)
     app.run(main, flags_parser=parse_flags)
 
 

@@ -6,7 +6,7 @@ from model.transformer import HEADS
 from train.optimizer import SCHEDULES
 
 CHOICES = {
-    "task": ("classify",),
+    "task": ("classify", "mlm"),
     "model.attention_mask": MASK_MODES,
     "model.init": INITS,
     "model.norm": ("pre", "post"),
@@ -36,8 +36,9 @@ def validate(config):
     unknown_heads = set(config.model.heads) - set(HEADS)
     if unknown_heads:
         raise ValueError(f"config.model.heads has {sorted(unknown_heads)}; expected from {HEADS}")
-    if config.task == "classify" and "classify" not in config.model.heads:
-        raise ValueError("config.task='classify' needs 'classify' in config.model.heads")
+    for task in ("classify", "mlm"):
+        if config.task == task and task not in config.model.heads:
+            raise ValueError(f"config.task={task!r} needs {task!r} in config.model.heads")
     if config.data.seq_len > config.model.max_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="

@@ -16,9 +16,9 @@ from flax import linen as nn
 
 from train import checkpoints as ckpt
 from train import flops, model_setup, objectives, partitioning
-from train.data import pipeline, sources, tokenizer
+from train.data import masking, pipeline, sources, tokenizer
 from train.metrics_log import MetricsLog
-from train.optimizer import make_optimizer
+from train.optimizer import optimizer_state_bytes
 from train.run_record import write_run_record
 from train.steps import make_eval_step, make_train_step
 
@@ -32,9 +32,10 @@ class NonFiniteLossError(FloatingPointError):
 def dry_run(config, workdir):
     """Build model and optimizer abstractly; write `params.json`; allocate nothing."""
     model = model_setup.build_model(config)
-    tx, _ = make_optimizer(config.optim, config.train.num_steps)
+    tx, _, trainable = model_setup.build_optimizer(config, model)
     _, abstract = model_setup.abstract_train_state(model, tx, config.data.seq_len)
-    counts = model_setup.parameter_counts(abstract.params)
+    counts = model_setup.parameter_counts(abstract.params, trainable)
+    counts["optimizer_state_bytes"] = optimizer_state_bytes(abstract.opt_state)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "params.json"), "w") as f:
         json.dump(counts, f, indent=2)
@@ -64,16 +65,21 @@ def train_and_evaluate(config, workdir):
         raise ValueError(
             f"The tokenizer has {tok.vocab_size} pieces but config.model.vocab_size="
             f"{config.model.vocab_size}; set it to at least the tokenizer's size")
-    train_iter = pipeline.make_train_iterator(train_source, tok, data_cfg, seed=config.seed)
+    mlm = config.task == "mlm"  # Self-supervised: labels unused, tokens masked BERT-style.
+    train_iter = pipeline.make_train_iterator(
+        train_source, tok, data_cfg, seed=config.seed, with_labels=False if mlm else None,
+        transform=masking.train_transform(tok, data_cfg, seed=config.seed) if mlm else None)
 
     def eval_batches(split):
         source = sources.load_split(data_cfg, split)
-        return pipeline.make_eval_iterator(source, tok, data_cfg)
+        return pipeline.make_eval_iterator(
+            source, tok, data_cfg, with_labels=False if mlm else None,
+            transform=masking.eval_transform(tok, data_cfg) if mlm else None)
 
     # --- Model, optimizer, objective ------------------------------------------------
     model = model_setup.build_model(config)
     num_steps = config.train.num_steps
-    tx, schedule = make_optimizer(config.optim, num_steps)
+    tx, schedule, trainable = model_setup.build_optimizer(config, model)
     class_weights = None
     if config.train.class_weighted_loss:
         labels = [train_source[i]["label"] for i in range(len(train_source))]
@@ -84,7 +90,8 @@ def train_and_evaluate(config, workdir):
     # --- Shard and initialise, or resume ------------------------------------------------
     boxed, abstract = model_setup.abstract_train_state(model, tx, data_cfg.seq_len)
     shardings = model_setup.state_shardings(boxed, mesh, rules)
-    counts = model_setup.parameter_counts(abstract.params)
+    counts = model_setup.parameter_counts(abstract.params, trainable)
+    counts["optimizer_state_bytes"] = optimizer_state_bytes(abstract.opt_state)
     log.info("Parameters: %s total, %s trainable", f"{counts['total']:,}",
              f"{counts['trainable']:,}")
     checkpoints = ckpt.Checkpoints(workdir, config.train)
@@ -105,7 +112,7 @@ def train_and_evaluate(config, workdir):
         train_step = jax.jit(
             make_train_step(model, tx, objective, seed=config.seed,
                             grad_accum_steps=config.optim.grad_accum_steps,
-                            schedule=schedule),
+                            schedule=schedule, trainable=trainable),
             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
             donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(model, objective),
@@ -124,9 +131,11 @@ def train_and_evaluate(config, workdir):
         return objective.finalize(totals)
 
     # --- Train ----------------------------------------------------------------------
-    flops_per_token = flops.train_flops_per_token(model.cfg, data_cfg.seq_len)
+    vocab_fraction = masking.max_predictions(data_cfg) / data_cfg.seq_len if mlm else 0.0
+    flops_per_token = flops.train_flops_per_token(model.cfg, data_cfg.seq_len, vocab_fraction)
     peak = flops.measured_peak_flops() * jax.device_count()
     metrics_log = MetricsLog(workdir, num_steps, start_step, config.train.progress)
+    # SIGTERM (preemption) only raises a flag: the loop saves a checkpoint and exits.
     preempted = {"flag": False}
     previous_handler = signal.signal(
         signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))

@@ -11,6 +11,8 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model.transformer import Model, resolve
+from train.optimizer import make_optimizer
+from train.param_rules import trainable_count, trainable_mask
 from train.steps import TrainState
 
 
@@ -44,6 +46,23 @@ def state_shardings(abstract_boxed, mesh, rules):
         is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
+def abstract_params(model, seq_len):
+    """Unboxed params as ShapeDtypeStructs: what param rules and optimizers are built on."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda key: nn.unbox(model.init(
+        {"params": key}, tokens, deterministic=True, heads=model.cfg.heads)["params"]),
+        jax.random.key(0))
+
+
+def build_optimizer(config, model):
+    """-> (tx, schedule, trainable mask or None when everything trains)."""
+    params = abstract_params(model, config.data.seq_len)
+    tx, schedule = make_optimizer(config.optim, config.train.num_steps, params)
+    mask = trainable_mask(params, config.optim.param_rules)
+    everything = all(jax.tree_util.tree_leaves(mask))
+    return tx, schedule, None if everything else mask
+
+
 def abstract_train_state(model, tx, seq_len):
     """(boxed abstract state, unboxed abstract state); allocates nothing."""
     boxed = jax.eval_shape(make_init_fn(model, tx, seq_len), jax.random.key(0))
@@ -60,7 +79,8 @@ def init_train_state(model, tx, seq_len, seed, shardings):
 def parameter_counts(params, trainable=None):
     """{"total", "trainable", "by_module"} over a (possibly abstract) params tree.
 
-    `by_module` groups by the first two path components, e.g. "encoder/block_0".
+    `trainable`: None (all), a bool mask like params (`param_rules.trainable_mask`), or
+    an int. `by_module` groups by the first two path components, e.g. "encoder/block_0".
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     by_module, total = {}, 0
@@ -70,5 +90,8 @@ def parameter_counts(params, trainable=None):
         module = "/".join(names[:2]) if names[0] == "encoder" else names[0]
         by_module[module] = by_module.get(module, 0) + size
         total += size
-    return {"total": total, "trainable": total if trainable is None else trainable,
-            "by_module": by_module}
+    if trainable is None:
+        trainable = total
+    elif not isinstance(trainable, (int, np.integer)):
+        trainable = trainable_count(params, trainable)
+    return {"total": total, "trainable": int(trainable), "by_module": by_module}

@@ -107,4 +107,6 @@ def make_objective(config, class_weights=None):
         return Classification(
             num_classes=config.model.num_classes, class_weights=class_weights,
             label_smoothing=config.train.label_smoothing)
-    raise ValueError(f"config.task={config.task!r}; expected one of ('classify',)")
+    if config.task == "mlm":
+        return MaskedLM()
+    raise ValueError(f"config.task={config.task!r}; expected one of ('classify', 'mlm')")

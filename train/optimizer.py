@@ -1,7 +1,12 @@
-"""optax optimizer from `config.optim`: AdamW, warmup + decay, clipping, decay mask."""
+"""optax optimizer from `config.optim`: AdamW, warmup + decay, clipping, decay mask, and
+the per-parameter freezing / learning-rate multipliers of `config.optim.param_rules`
+(see `train.param_rules`)."""
 
 import jax
+import numpy as np
 import optax
+
+from train import param_rules
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -29,7 +34,29 @@ def weight_decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(optim_cfg, num_steps):
+def scale_by_multipliers(multiplier_of_path):
+    """Multiplies each update by `multiplier_of_path[path]` (leaves at 1.0 untouched)."""
+    def update_fn(updates, state, params=None):
+        del params
+        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        scaled = []
+        for path, u in flat:
+            m = multiplier_of_path[param_rules.path_string(path)]
+            scaled.append(u if m == 1.0 else u * np.asarray(m, u.dtype))
+        return jax.tree_util.tree_unflatten(treedef, scaled), state
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(optim_cfg, num_steps, params=None):
+    """-> (tx, schedule). `params` (abstract is enough) is needed by `optim.param_rules`
+    and `optim.layerwise_lr_decay`; without them the optimizer is plain clip + AdamW.
+
+    With them, parameters are labelled "frozen" or "trainable" (`optax.multi_transform`):
+    frozen ones get `set_to_zero` (no optimizer state: their Adam mu/nu are
+    `optax.MaskedNode`s) and clipping sees only trainable gradients. A trainable leaf's
+    AdamW update (lr * (adam + weight_decay * p)) is then multiplied by its multiplier, so
+    the decoupled weight decay scales with its learning rate too.
+    """
     if optim_cfg.name != "adamw":
         raise ValueError(f"config.optim.name={optim_cfg.name!r}; only 'adamw' is implemented")
     schedule = learning_rate_schedule(optim_cfg, num_steps)
@@ -40,4 +67,28 @@ def make_optimizer(optim_cfg, num_steps):
         schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask,
     ))
-    return optax.chain(*parts), schedule
+    rules = optim_cfg.get("param_rules", ()) or ()
+    decay = optim_cfg.get("layerwise_lr_decay", 0.0) or 0.0
+    if not rules and not decay:
+        return optax.chain(*parts), schedule
+    if params is None:
+        raise ValueError("config.optim.param_rules / layerwise_lr_decay need make_optimizer("
+                         "..., params=abstract_params)")
+    multipliers = param_rules.lr_multipliers(params, rules, decay)  # Checks the rules.
+    by_path = dict(zip(param_rules.param_paths(params), jax.tree_util.tree_leaves(multipliers)))
+    if any(m != 1.0 for m in by_path.values()):
+        parts.append(scale_by_multipliers(by_path))
+    if all(m > 0.0 for m in by_path.values()):
+        return optax.chain(*parts), schedule
+
+    def labels(tree):  # A callable: init sees boxed params, update plain arrays.
+        return param_rules.map_paths(
+            lambda path: "trainable" if by_path[path] > 0.0 else "frozen", tree)
+    return optax.multi_transform(
+        {"trainable": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def optimizer_state_bytes(opt_state):
+    """Bytes held by an optimizer state's arrays (real or abstract)."""
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(opt_state)))

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from train.param_rules import combine, partition
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -29,17 +31,30 @@ def split_microbatches(batch, num):
     return jax.tree_util.tree_map(split, batch)
 
 
-def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=None):
+def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=None,
+                    trainable=None):
+    """`trainable`: a bool tree like params (`param_rules.trainable_mask`). When given,
+    gradients are taken w.r.t. the trainable leaves only (frozen ones get zeros, are never
+    differentiated) and frozen params are carried over bitwise unchanged."""
     base_key = jax.random.key(seed)
 
-    def loss_fn(params, batch, dropout_key):
+    def loss_fn(params, batch, dropout_key, frozen=None):
+        if frozen is not None:
+            params = combine(params, frozen)
         outputs = model.apply(
             {"params": params}, batch["tokens"], **model_inputs(batch),
             deterministic=False, heads=objective.heads, rngs={"dropout": dropout_key})
         loss_sum, weight, sums = objective.loss(outputs, batch)
         return loss_sum, (weight, sums)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grad_fn(params, batch, dropout_key):
+        """(loss_sum, (weight, sums)), grads; grads hold None at frozen leaves."""
+        if trainable is None:
+            return value_and_grad(params, batch, dropout_key)
+        differentiated, frozen = partition(params, trainable)
+        return value_and_grad(differentiated, batch, dropout_key, frozen)
 
     def train_step(state, batch):
         # Dropout keys derive from (seed, step): a resumed run draws the same masks.
@@ -62,8 +77,13 @@ def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=
                 accumulate, (l0, w0, s0, g0), (jnp.arange(grad_accum_steps), micro))
         denominator = jnp.maximum(weight, 1e-9)
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+        if trainable is not None:
+            frozen = partition(state.params, trainable)[1]
+            grads = combine(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if trainable is not None:
+            params = combine(partition(params, trainable)[0], frozen)
         # 1.0 where this step's loss or update is not finite; the loop stops on it
         # before the state can reach a checkpoint.
         finite = jnp.isfinite(loss_sum) & jnp.isfinite(optax.tree.norm(updates))

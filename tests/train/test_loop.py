@@ -135,7 +135,8 @@ def test_sigterm_saves_and_exits_cleanly(wordnet_data_dir, tmp_path):
     run = launch_main(tmp_path, wordnet_data_dir, "--config.train.num_steps=100000",
                       "--config.train.checkpoint_every=100000")
     wait_for_metrics = time.time() + 240
-    while not os.path.exists(tmp_path / "metrics.jsonl"):
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.stat().st_size):  # Training has started.
         assert run.poll() is None and time.time() < wait_for_metrics, output_of(run)
         time.sleep(0.2)
     run.send_signal(signal.SIGTERM)

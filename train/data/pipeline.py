@@ -9,9 +9,15 @@ Batch format (B = per-process batch, L = data_cfg.seq_len):
 
 Iterators are grain DatasetIterators: `it.get_state()` is a JSON-serialisable dict and
 `it.set_state(state)` resumes exactly where it was.
+
+Both iterator factories take an optional `transform`: a function IterDataset -> IterDataset
+applied to the stream of batches (before grain's worker processes, so it runs in them),
+e.g. `train.data.masking.train_transform(...)` adding BERT's masked-LM fields.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import grain
 import jax
@@ -138,6 +144,7 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     with_labels: bool | None = None,
+    transform: Callable[[grain.IterDataset], grain.IterDataset] | None = None,
 ) -> grain.DatasetIterator:
     """Infinite, shuffled (differently each epoch), deterministic in `seed`.
 
@@ -145,6 +152,7 @@ def make_train_iterator(
     `with_labels`: None -> labels iff the source is labelled and packing is off;
     True -> require them (error if packing); False -> never.
     Defaults for process_index/count: jax.process_index() / jax.process_count().
+    `transform`: IterDataset of batches -> IterDataset (see the module docstring).
     """
     p, n = _process(process_index, process_count)
     batch = per_process_batch(data_cfg.batch_size, n, "batch_size")
@@ -179,6 +187,8 @@ def make_train_iterator(
             shuffle_bins=False,  # The input is already shuffled.
         ).map(_rename_packed)
         it = it.batch(batch, drop_remainder=True)
+    if transform is not None:
+        it = transform(it)
     if data_cfg.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (outside absl.app).
             flags.FLAGS.mark_as_parsed()
@@ -222,6 +232,7 @@ def make_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     with_labels: bool | None = None,
+    transform: Callable[[grain.IterDataset], grain.IterDataset] | None = None,
 ) -> grain.DatasetIterator:
     """One in-order pass; each example exactly once across processes (process p gets
     p, p+n, ...). All processes yield `num_eval_batches(...)` batches; the tail is filled
@@ -237,9 +248,8 @@ def make_eval_iterator(
     length = num_eval_batches(len(source), data_cfg.eval_batch_size, n) * batch
     ds = grain.MapDataset.source(_PaddedShard(source, p, n, length))
     ds = ds.batch(batch, drop_remainder=True, batch_fn=list)
-    return iter(
-        ds.map(_EncodePadded(tokenizer, data_cfg.seq_len, with_labels)).to_iter_dataset(_READ)
-    )
+    it = ds.map(_EncodePadded(tokenizer, data_cfg.seq_len, with_labels)).to_iter_dataset(_READ)
+    return iter(it if transform is None else transform(it))
 
 
 def to_global_batch(local_batch: dict, mesh, batch_spec: PartitionSpec = BATCH_SPEC) -> dict:

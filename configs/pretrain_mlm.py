@@ -1,0 +1,38 @@
+r"""Stage 2 — BERT-style masked-LM pre-training on WordNet's training-split text.
+
+  python -m launch.main --config configs/pretrain_mlm.py --workdir runs/mlm
+  python -m launch.main --config configs/pretrain_mlm.py:runlocal --workdir runs/mlm_local
+
+Only the training split's synsets are read (validation / test synsets never enter
+pre-training); held-out MLM loss and accuracy are measured on the validation split with
+fixed masks. Arguments: `runlocal`, `size=tiny|small|base|large`, `whole_word`.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, runlocal=False, size="small", whole_word=False)
+    c = common.base_config()
+    c.task = "mlm"
+    c.model = common.model_config(arg.size, heads=("mlm",), max_len=128)
+    c.model.vocab_size = c.data.get_ref("vocab_size")
+    c.data.source = "wordnet"
+    c.data.text_key = "text"
+    c.data.seq_len = 128
+    c.data.packing = True  # Many short glosses per row: no compute spent on padding.
+    c.data.batch_size = 32
+    c.data.mlm_rate = 0.15
+    c.data.mlm_whole_word = arg.whole_word
+    c.data.mlm_dynamic = True
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 500
+    c.train.num_steps = 5000
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.train.best_metric = "eval/loss"
+    c.train.best_mode = "min"
+    if arg.runlocal:
+        common.apply_runlocal(c)
+        c.data.batch_size = 8
+    return c
