@@ -9,6 +9,7 @@ import ml_collections
 # Model shapes by name. `base` is BERT-base; `small` is the benchmark's SMALL shape.
 MODEL_SIZES = {
     "tiny": dict(num_layers=2, hidden=64, num_heads=4, mlp_dim=128),
+    "mini": dict(num_layers=4, hidden=128, num_heads=4, mlp_dim=512),
     "small": dict(num_layers=4, hidden=256, num_heads=4, mlp_dim=1024),
     "base": dict(num_layers=12, hidden=768, num_heads=12, mlp_dim=3072),
     "large": dict(num_layers=24, hidden=1024, num_heads=16, mlp_dim=4096),

@@ -17,6 +17,7 @@ from flax import linen as nn
 from train import checkpoints as ckpt
 from train import flops, model_setup, objectives, partitioning
 from train.data import masking, pipeline, sources, tokenizer
+from train.init_from import init_params_from
 from train.metrics_log import MetricsLog
 from train.optimizer import optimizer_state_bytes
 from train.run_record import write_run_record
@@ -105,6 +106,13 @@ def train_and_evaluate(config, workdir):
         start_step = 0
         state = model_setup.init_train_state(model, tx, data_cfg.seq_len, config.seed,
                                              shardings)
+        if config.init_from:
+            params, init_report = init_params_from(config.init_from, state.params)
+            # Optimizer state starts fresh: it only depends on params through tx.init.
+            state = state.replace(params=params)
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "init_from.json"), "w") as f:
+                    json.dump(init_report, f, indent=2)
 
     # --- Compile the steps ------------------------------------------------------------
     replicated = partitioning.replicated(mesh)

@@ -1,0 +1,84 @@
+"""Initialise a run's parameters from another run's checkpoint (`config.init_from`).
+
+Parameters whose path and shape match are loaded; the rest (new heads, PEFT modules)
+keep their fresh initialisation; checkpoint parameters with no place in the new model
+(an old head) are dropped. The three lists are logged and returned, so a fine-tuning run
+says exactly what it started from.
+"""
+
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from train.param_rules import path_string
+
+log = logging.getLogger("strata")
+
+
+def resolve_checkpoint(path):
+    """A workdir (-> its latest checkpoint), a `checkpoints/` dir, or one step's dir."""
+    path = os.path.abspath(path)
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(candidate):
+            steps = [int(s) for s in os.listdir(candidate) if s.isdigit()]
+            if steps:
+                return os.path.join(candidate, str(max(steps)))
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    raise FileNotFoundError(
+        f"config.init_from={path!r} holds no checkpoint: expected a workdir with "
+        f"checkpoints/<step>/state, a checkpoints/ directory, or a <step> directory")
+
+
+def load_params(path):
+    """-> (flat {path: np.ndarray} of the checkpoint's params, checkpoint dir)."""
+    step_dir = resolve_checkpoint(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(os.path.join(step_dir, "state"))
+    flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    return {path_string(p): np.asarray(v) for p, v in flat}, step_dir
+
+
+def merge_params(params, loaded):
+    """-> (params with matching leaves replaced, report {loaded, initialised, dropped}).
+
+    `params` are the freshly initialised (sharded) arrays; loaded leaves take their
+    sharding.
+    """
+    report = {"loaded": [], "initialised": [], "dropped": [], "shape_mismatch": []}
+
+    def pick(path, fresh):
+        name = path_string(path)
+        value = loaded.get(name)
+        if value is None:
+            report["initialised"].append(name)
+            return fresh
+        if value.shape != fresh.shape:
+            report["shape_mismatch"].append(f"{name}: {value.shape} -> {fresh.shape}")
+            report["initialised"].append(name)
+            return fresh
+        report["loaded"].append(name)
+        return jax.device_put(value.astype(fresh.dtype), fresh.sharding)
+
+    merged = jax.tree_util.tree_map_with_path(pick, params)
+    used = set(report["loaded"]) | set(report["initialised"])
+    report["dropped"] = sorted(set(loaded) - used)
+    return merged, report
+
+
+def init_params_from(path, params):
+    loaded, step_dir = load_params(path)
+    merged, report = merge_params(params, loaded)
+    if not report["loaded"]:
+        raise ValueError(
+            f"config.init_from={path!r} ({step_dir}) shares no parameter (path and shape) "
+            f"with this model; its parameters are e.g. {sorted(loaded)[:5]}")
+    log.info("init_from %s: loaded %d, initialised fresh %d %s, dropped %d %s", step_dir,
+             len(report["loaded"]), len(report["initialised"]), report["initialised"][:8],
+             len(report["dropped"]), report["dropped"][:8])
+    if report["shape_mismatch"]:
+        log.warning("init_from: shapes differ, initialised fresh: %s", report["shape_mismatch"])
+    return merged, {"checkpoint": step_dir, **report}
