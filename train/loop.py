@@ -13,11 +13,13 @@ import time
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from train import checkpoints as ckpt
 from train import flops, model_setup, objectives, partitioning
 from train.data import masking, pipeline, sources, tokenizer
 from train.init_from import init_params_from
+from train.learning_curves import write_learning_curves
 from train.metrics_log import MetricsLog
 from train.optimizer import optimizer_state_bytes
 from train.run_record import write_run_record
@@ -60,6 +62,12 @@ def train_and_evaluate(config, workdir):
 
     # --- Data -----------------------------------------------------------------------
     data_cfg = config.data
+    if jax.process_count() > 1:
+        # Process 0 builds the dataset and tokenizer once; the others then only read.
+        if jax.process_index() == 0:
+            sources.load_split(data_cfg, data_cfg.train_split)
+            tokenizer.get_tokenizer(data_cfg)
+        multihost_utils.sync_global_devices("strata: data prepared")
     train_source = sources.load_split(data_cfg, data_cfg.train_split)
     tok = tokenizer.get_tokenizer(data_cfg)
     if tok.vocab_size > config.model.vocab_size:
@@ -214,4 +222,5 @@ def train_and_evaluate(config, workdir):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
+        write_learning_curves(workdir)
     return results

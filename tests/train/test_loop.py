@@ -54,6 +54,8 @@ def test_scratch_runlocal_end_to_end(wordnet_data_dir, tmp_path):
     assert run["environment"]["jax"] == jax.__version__ and "git_commit" in run["code"]
     assert json.load(open(tmp_path / "config.json"))["task"] == "classify"
     assert os.listdir(tmp_path / "tensorboard")
+    with open(tmp_path / "learning_curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "60"]
     assert os.listdir(tmp_path / "best") in (["30"], ["60"])
 
