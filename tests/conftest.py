@@ -65,9 +65,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def wordnet_files_dir() -> Path:
-    """The real WordNet 3.0 files (Debian `wordnet-base`); skips the test if absent."""
+    """The real WordNet 3.0 files (Debian `wordnet-base`, which launch/setup.sh installs)."""
     if not _have_wordnet():
-        pytest.skip(f"WordNet files not in {WORDNET_DIR} (apt-get install wordnet-base)")
+        pytest.fail(f"WordNet files not in {WORDNET_DIR}: apt-get install wordnet-base "
+                    f"(or set WORDNET_DIR)")
     return WORDNET_DIR
 
 

@@ -209,7 +209,7 @@ class LocalCorpus(LocalBuilder, skip_registration=True):
                 example["label"] = label if isinstance(label, int) else class_ids[label]
             by_split[split_of(text)].append((key, example))
         # tfds cannot write an empty split; a tiny corpus may have no validation/test docs.
-        return {split: iter(exs) for split, exs in by_split.items() if exs}
+        return {split: self._generate_examples(exs) for split, exs in by_split.items() if exs}
 
-    def _generate_examples(self, *args, **kwargs):  # Unused: generators come from above.
-        raise NotImplementedError
+    def _generate_examples(self, examples):
+        yield from examples
