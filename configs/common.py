@@ -109,7 +109,10 @@ def base_config():
         dict(
             source="wordnet",  # "wordnet" | "tfds" | "local"
             data_dir="",  # tfds data dir; "" -> $STRATA_DATA_DIR or ~/.cache/strata/tfds
-            wordnet_dir="",  # "" -> $WORDNET_DIR or /usr/share/wordnet
+            wordnet_dir="",
+            # WordNet document text: the gloss (the classification input) or, for
+            # pre-training, "gloss_and_examples" (gloss; example sentence; ...).
+            wordnet_text="gloss",  # "" -> $WORDNET_DIR or /usr/share/wordnet
             tfds_name="",  # For source="tfds": e.g. "imdb_reviews".
             text_key="text",
             label_key="label",

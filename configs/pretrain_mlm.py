@@ -3,7 +3,8 @@ r"""Stage 2 — BERT-style masked-LM pre-training on WordNet's training-split te
   python -m launch.main --config configs/pretrain_mlm.py --workdir runs/mlm
   python -m launch.main --config configs/pretrain_mlm.py:runlocal --workdir runs/mlm_local
 
-Only the training split's synsets are read (validation / test synsets never enter
+The corpus is each training synset's gloss followed by its example sentences. Only the
+training split's synsets are read (validation / test synsets never enter
 pre-training); held-out MLM loss and accuracy are measured on the validation split with
 fixed masks. Arguments: `runlocal`, `size=tiny|small|base|large`, `whole_word`.
 """
@@ -18,7 +19,7 @@ def get_config(arg=None):
     c.model = common.model_config(arg.size, heads=("mlm",), max_len=128)
     c.model.vocab_size = c.data.get_ref("vocab_size")
     c.data.source = "wordnet"
-    c.data.text_key = "text"
+    c.data.wordnet_text = "gloss_and_examples"  # Glosses and example sentences.
     c.data.seq_len = 128
     c.data.packing = True  # Many short glosses per row: no compute spent on padding.
     c.data.batch_size = 32

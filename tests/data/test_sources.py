@@ -146,3 +146,20 @@ def test_wordnet_training_texts_and_tokenizer(wordnet_data_dir):
     assert path == Path(wordnet_data_dir) / "tokenizers" / "strata_wordnet-v400-s3000.model"
     tok = tokenizer.get_tokenizer(cfg)
     assert tok.decode(tok.encode("a member of the genus Canis")) == "a member of the genus Canis"
+
+
+def test_wordnet_documents_with_examples():
+    from train.data.records import WithExamples
+
+    class Synsets(list):
+        labelled = True
+
+    source = WithExamples(Synsets([
+        {"text": "a member of the genus Canis", "label": 5,
+         "examples": ["the dog barked all night", ""]},
+        {"text": "no examples here", "label": 1, "examples": []},
+    ]))
+    assert len(source) == 2 and source.labelled
+    assert source[0] == {"text": "a member of the genus Canis; the dog barked all night",
+                         "label": 5}
+    assert source[1]["text"] == "no examples here"

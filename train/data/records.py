@@ -190,3 +190,25 @@ class Subset:
         if name.startswith("__") or name in ("_source", "indices"):
             raise AttributeError(name)
         return getattr(self._source, name)
+
+
+class WithExamples:
+    """WordNet synsets as one document each: the gloss followed by its example sentences
+    (`config.data.wordnet_text="gloss_and_examples"`, the MLM pre-training corpus)."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Example:
+        example = dict(self._source[index])
+        sentences = [e for e in example.pop("examples") if e]
+        example["text"] = "; ".join([example["text"], *sentences])
+        return example
+
+    def __getattr__(self, name):  # labelled, label_names, ... of the wrapped source.
+        if name.startswith("__") or name == "_source":
+            raise AttributeError(name)
+        return getattr(self._source, name)

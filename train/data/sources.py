@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from train.data import local_corpus, wordnet
-from train.data.records import Subset, TfdsSplit
+from train.data.records import Subset, TfdsSplit, WithExamples
 
 SOURCES = ("wordnet", "tfds", "local")
 DEFAULT_DATA_DIR = "~/.cache/strata/tfds"
@@ -171,7 +171,11 @@ def load_split(data_cfg, split: str, *, extra_fields: tuple[str, ...] = ()):
             fields["label"] = data_cfg.label_key
     else:  # wordnet and local corpora store "text" / "label" themselves.
         fields = {"text": "text", **({"label": "label"} if labelled else {})}
-    fields.update({k: k for k in extra_fields})
+    with_examples = data_cfg.source == "wordnet" and data_cfg.wordnet_text != "gloss"
+    if with_examples and data_cfg.wordnet_text != "gloss_and_examples":
+        raise ValueError(f"config.data.wordnet_text={data_cfg.wordnet_text!r}; expected "
+                         f"'gloss' or 'gloss_and_examples'")
+    fields.update({k: k for k in (*extra_fields, *(("examples",) if with_examples else ()))})
     src = _split_reader(
         data_cfg,
         b,
@@ -181,6 +185,8 @@ def load_split(data_cfg, split: str, *, extra_fields: tuple[str, ...] = ()):
         label_names=names,
         name=dataset_name(data_cfg),
     )
+    if with_examples:
+        src = WithExamples(src)
     fraction = float(data_cfg.label_fraction)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"config.data.label_fraction={fraction} must be in (0, 1]")
