@@ -54,6 +54,10 @@ def train_and_evaluate(config, workdir):
     # --- Set up the mesh ------------------------------------------------------------
     mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_batch_divides(config.data.batch_size, mesh)
+    # Each micro-batch of gradient accumulation is itself split over the mesh.
+    partitioning.check_batch_divides(
+        config.data.batch_size // config.optim.grad_accum_steps, mesh,
+        "config.data.batch_size / config.optim.grad_accum_steps")
     partitioning.check_batch_divides(config.data.eval_batch_size, mesh,
                                      "config.data.eval_batch_size")
     batch_sharding = partitioning.batch_sharding(mesh)
