@@ -88,6 +88,15 @@ def model_config(size="small", **overrides):
             pooling="cls",  # "cls" | "mean" for the sequence classification head.
             heads=("classify",),  # Any of "classify", "mlm", "lm".
             mlm_transform=True,  # BERT's dense+gelu+LN before the tied MLM decoder.
+            # Parameter-efficient fine-tuning (configs/finetune.py `method=`); all off here.
+            lora_rank=0,  # LoRA rank r (model/lora.py); 0 = off.
+            lora_alpha=16.0,  # The update is scaled by lora_alpha / lora_rank.
+            lora_targets="query|value",  # Regex over query|key|value|out|wi|wo.
+            lora_dropout=0.0,  # Dropout on the LoRA branch's input.
+            ia3=False,  # (IA)^3: learned scales of keys, values and the MLP hidden.
+            prompt_length=0,  # Prompt tuning: learned input vectors after [CLS]; 0 = off.
+            prefix_length=0,  # Prefix tuning: learned keys/values per layer; 0 = off.
+            adapter_dim=0,  # Houlsby adapters' bottleneck width; 0 = off.
         )
     )
     m.update(MODEL_SIZES[size])

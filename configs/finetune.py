@@ -4,16 +4,31 @@ r"""Stage 3 — fine-tuning on WordNet supersense classification, with parameter
   python -m launch.main --config configs/finetune.py:method=linear_probe \
       --config.init_from=runs/mlm --workdir runs/ft_probe
 
-Arguments: `method=full|linear_probe|freeze|bitfit`, `size=...` (must match the
-pre-trained model), `freeze_blocks=k` (method=freeze: the bottom k blocks, plus the
-embeddings unless `freeze_embeddings=False`), `norm_offsets` (method=bitfit: also train
-LayerNorm offsets), `runlocal`. Each method is a list of `optim.param_rules`: ordered
+Arguments: `method=` one of METHODS, `size=...` (must match the pre-trained model),
+`freeze_blocks=k` (method=freeze: the bottom k blocks, plus the embeddings unless
+`freeze_embeddings=False`), `norm_offsets` (method=bitfit: also train LayerNorm offsets),
+`lora_rank=r`, `lora_alpha=a`, `lora_targets=query|value` (method=lora), `prompt_length=p`
+(method=prompt_tuning), `prefix_length=p` (method=prefix_tuning), `adapter_dim=m`
+(method=adapters), `runlocal`. Each method is a list of `optim.param_rules`: ordered
 (regex, lr multiplier) pairs over parameter paths, 0.0 = frozen (train/param_rules.py).
+The parameter-efficient methods (lora, ia3, prompt_tuning, prefix_tuning, adapters) also
+add their parameters to the model (`method_model_fields`; all but the two tuning methods
+start exactly at the pre-trained model); only those and the classification head train.
 """
 
 from configs import common, scratch
 
 EMBEDDINGS = r"encoder/(token_embed|position_embed|type_embed|embed_norm)/.*"
+HEAD = r"classify_head/.*"
+# The new parameters each parameter-efficient method trains (with the head).
+PEFT_PARAMS = {
+    "lora": r".*/lora_[ab]",
+    "ia3": r".*/ia3_(key|value|mlp)",
+    "prompt_tuning": r"encoder/prompt",
+    "prefix_tuning": r".*/prefix_(key|value)",
+    "adapters": r"encoder/block_\d+/(attention|mlp)_adapter/.*",
+}
+METHODS = ("full", "linear_probe", "freeze", "bitfit", *PEFT_PARAMS)
 
 
 def method_rules(arg, num_layers):
@@ -31,20 +46,41 @@ def method_rules(arg, num_layers):
             rules.append((rf"encoder/block_({blocks})/.*", 0.0))
         return tuple(rules)
     if arg.method == "bitfit":  # Biases (and optionally norm offsets) plus the head.
-        return ((r"classify_head/.*", 1.0),
+        return ((HEAD, 1.0),
                 (r".*norm/bias", 1.0 if arg.norm_offsets else 0.0),
                 (r".*/bias", 1.0),
                 (r".*", 0.0))
-    raise ValueError(
-        f"method={arg.method!r}; expected one of full, linear_probe, freeze, bitfit")
+    if arg.method in PEFT_PARAMS:
+        return ((PEFT_PARAMS[arg.method], 1.0), (HEAD, 1.0), (r".*", 0.0))
+    raise ValueError(f"method={arg.method!r}; expected one of {', '.join(METHODS)}")
+
+
+def method_model_fields(arg):
+    """The `config.model` fields that add a parameter-efficient method's parameters."""
+    if arg.method == "lora":
+        return dict(lora_rank=arg.lora_rank, lora_alpha=arg.lora_alpha,
+                    lora_targets=arg.lora_targets)
+    if arg.method == "ia3":
+        return dict(ia3=True)
+    if arg.method == "prompt_tuning":
+        return dict(prompt_length=arg.prompt_length)
+    if arg.method == "prefix_tuning":
+        return dict(prefix_length=arg.prefix_length)
+    if arg.method == "adapters":
+        return dict(adapter_dim=arg.adapter_dim)
+    return {}
 
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, method="full", size="mini", runlocal=False, freeze_blocks=2,
-                           freeze_embeddings=True, norm_offsets=False)
+                           freeze_embeddings=True, norm_offsets=False, lora_rank=8,
+                           lora_alpha=16.0, lora_targets="query|value", prompt_length=20,
+                           prefix_length=20, adapter_dim=64)
     c = scratch.get_config(f"size={arg.size}" + (",runlocal" if arg.runlocal else ""))
     c.optim.param_rules = method_rules(arg, c.model.num_layers)
-    c.optim.lr = 1e-3 if arg.method in ("linear_probe", "bitfit") else 2e-4
+    c.model.update(method_model_fields(arg))
+    # Few trained parameters take a larger learning rate than full fine-tuning.
+    c.optim.lr = 2e-4 if arg.method in ("full", "freeze") else 1e-3
     c.optim.warmup_steps = 10 if arg.runlocal else 100
     c.train.num_steps = c.train.num_steps if arg.runlocal else 1000
     return c

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model import initializers
+from model.lora import LoraSpec
 
 MASK_MODES = ("bidirectional", "causal", "prefix")
 
@@ -79,9 +80,10 @@ class Linear(nn.Module):
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: LoraSpec | None = None  # Adds a low-rank update (model/lora.py) when set.
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic=True):
         in_shape = x.shape[-self.in_ndim:]
         kernel = self.param(
             "kernel", initializers.kernel(self.init, self.init_std, self.logical_axes,
@@ -90,9 +92,31 @@ class Linear(nn.Module):
         bias = self.param("bias", initializers.zeros(self.logical_axes[self.in_ndim:]),
                           self.features, self.param_dtype)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        contract = tuple(range(x.ndim - self.in_ndim, x.ndim))
-        y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.in_ndim))), ((), ())))
-        return y + bias
+        y = _contract(x, kernel, self.in_ndim) + bias
+        if self.lora is not None:
+            y = y + self._lora_update(x, in_shape, deterministic)
+        return y
+
+    def _lora_update(self, x, in_shape, deterministic):
+        """(alpha / r) * dropout(x) @ A @ B: A [*in, r], B [r, *features] (zeros at init).
+
+        The new axis r is unnamed (None: replicated); A keeps the kernel's input axis names
+        and B its output names, so they shard like the kernel they update.
+        """
+        lora, n = self.lora, self.in_ndim
+        a = self.param("lora_a", initializers.lora_a(n, (*self.logical_axes[:n], None)),
+                       (*in_shape, lora.rank), self.param_dtype)
+        b = self.param("lora_b", initializers.zeros((None, *self.logical_axes[n:])),
+                       (lora.rank, *self.features), self.param_dtype)
+        x = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
+        low = _contract(x, a.astype(self.dtype), n)  # [..., r]
+        return lora.scale * _contract(low, b.astype(self.dtype), 1)
+
+
+def _contract(x, kernel, in_ndim):
+    """x [..., *in] . kernel [*in, *out] -> [..., *out] over the last `in_ndim` axes of x."""
+    contract = tuple(range(x.ndim - in_ndim, x.ndim))
+    return jax.lax.dot_general(x, kernel, ((contract, tuple(range(in_ndim))), ((), ())))
 
 
 class MultiHeadAttention(nn.Module):
@@ -112,6 +136,9 @@ class MultiHeadAttention(nn.Module):
     impl: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: LoraSpec | None = None  # LoRA on the projections its `targets` name.
+    ia3: bool = False  # (IA)^3: learned per-channel scales of keys and values.
+    prefix_length: int = 0  # Prefix tuning: learned keys/values every query attends to.
 
     @nn.compact
     def __call__(self, x, mask, *, deterministic=True, decode=False):
@@ -120,7 +147,8 @@ class MultiHeadAttention(nn.Module):
         def projection(name):
             return Linear((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
                           init=self.init, init_std=self.init_std, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=name)(x)
+                          param_dtype=self.param_dtype, lora=self._lora(name),
+                          name=name)(x, deterministic)
 
         query, key, value = projection("query"), projection("key"), projection("value")
         axes = ("activation_batch", "activation_length", "activation_heads", "kv")
@@ -131,6 +159,8 @@ class MultiHeadAttention(nn.Module):
 
         if decode:
             key, value = self._update_cache(key, value)
+        if self.prefix_length:  # After the cache: the cache holds real tokens only.
+            key, value, mask = self._prepend_prefix(key, value, mask)
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0:
@@ -142,11 +172,44 @@ class MultiHeadAttention(nn.Module):
         out = nn.with_logical_constraint(out, axes)
         return Linear((embed,), ("heads", "kv", "embed"), in_ndim=2, init=self.init,
                       init_std=self.init_std, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="out")(out)
+                      param_dtype=self.param_dtype, lora=self._lora("out"),
+                      name="out")(out, deterministic)
+
+    def _lora(self, name):
+        return self.lora.for_projection(name) if self.lora is not None else None
 
     def adapt_key_value(self, key, value):
-        """Hook for methods that rescale or extend keys/values (PEFT); identity here."""
+        """Hook for methods that rescale or extend keys/values (PEFT).
+
+        (IA)^3 (Liu et al. 2022): key, value [batch, seq, heads, head_dim] times learned
+        `ia3_key`, `ia3_value` [heads, head_dim], initialised to one (step 0 = base model).
+        Applied before the KV cache, so cached keys are already scaled.
+        """
+        if self.ia3:
+            key = key * self._ia3_scale("ia3_key").astype(key.dtype)
+            value = value * self._ia3_scale("ia3_value").astype(value.dtype)
         return key, value
+
+    def _ia3_scale(self, name):
+        return self.param(name, initializers.ones(("heads", "kv")),
+                          (self.num_heads, self.head_dim), self.param_dtype)
+
+    def _prepend_prefix(self, key, value, mask):
+        """Prefix tuning (Li & Liang 2021): p learned `prefix_key`, `prefix_value`
+        [p, heads, head_dim] before the keys/values [batch, k_len, ...], visible to every
+        query: mask [batch, 1, q_len, k_len] -> [batch, 1, q_len, p + k_len].
+        """
+        shape = (self.prefix_length, self.num_heads, self.head_dim)
+        init = initializers.embedding(self.init_std, (None, "heads", "kv"))
+
+        def prepend(name, x):
+            prefix = self.param(name, init, shape, self.param_dtype).astype(x.dtype)
+            prefix = jnp.broadcast_to(prefix[None], (x.shape[0], *shape))
+            return jnp.concatenate([prefix, x], axis=1)
+
+        visible = jnp.ones((*mask.shape[:-1], self.prefix_length), mask.dtype)
+        return (prepend("prefix_key", key), prepend("prefix_value", value),
+                jnp.concatenate([visible, mask], axis=-1))
 
     def _update_cache(self, key, value):
         batch = key.shape[0]

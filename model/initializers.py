@@ -54,3 +54,11 @@ def zeros(logical_axes):
 def ones(logical_axes):
     return nn.with_logical_partitioning(jinit.ones, logical_axes)
 
+
+
+def lora_a(in_ndim, logical_axes):
+    """LoRA's A [*in, r]: HF PEFT's kaiming_uniform_(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in))."""
+    return nn.with_logical_partitioning(
+        jinit.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                               in_axis=tuple(range(in_ndim)), out_axis=in_ndim),
+        logical_axes)

@@ -11,8 +11,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from model import initializers
-from model.attention import MultiHeadAttention, make_attention_mask
+from model import initializers, lora
+from model.attention import Linear, MultiHeadAttention, make_attention_mask
 
 HEADS = ("classify", "mlm", "lm")
 REMAT_POLICIES = {
@@ -47,9 +47,9 @@ class Mlp(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic=True):
         cfg = self.cfg
-        h = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi")(x)
+        h = self.projection(cfg.mlp_dim, ("embed", "mlp"), "wi")(x, deterministic)
         h = nn.gelu(h, approximate=False)
         h = nn.with_logical_constraint(
             h, ("activation_batch", "activation_length", "activation_mlp")
@@ -57,11 +57,44 @@ class Mlp(nn.Module):
         h = self.adapt_hidden(h)
         # No dropout on the [batch, seq, mlp] hidden (as BERT): it would draw 4x the random
         # bits of the residual dropout for no documented gain.
-        return dense(cfg, x.shape[-1], ("mlp", "embed"), "wo")(h)
+        return self.projection(x.shape[-1], ("mlp", "embed"), "wo")(h, deterministic)
+
+    def projection(self, features, axes, name):
+        """A dense layer (params `kernel`, `bias`, as nn.Dense) that LoRA can target."""
+        cfg, spec = self.cfg, lora.spec(self.cfg)
+        return Linear((features,), axes, init=cfg.init, init_std=cfg.init_std,
+                      dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      lora=spec.for_projection(name) if spec else None, name=name)
 
     def adapt_hidden(self, h):
-        """Hook for methods that rescale MLP hidden activations (PEFT); identity here."""
+        """Hook for methods that rescale MLP hidden activations (PEFT).
+
+        (IA)^3: h [batch, seq, mlp] times a learned `ia3_mlp` [mlp], initialised to one.
+        """
+        if self.cfg.ia3:
+            scale = self.param("ia3_mlp", initializers.ones(("mlp",)), (self.cfg.mlp_dim,),
+                               self.cfg.param_dtype)
+            h = h * scale.astype(h.dtype)
         return h
+
+
+class Adapter(nn.Module):
+    """Houlsby et al. 2019 bottleneck adapter: h + up(gelu(down(h))) on [..., embed].
+
+    down [embed, adapter_dim], up [adapter_dim, embed]; `up` starts at zero, so the adapter
+    starts as the identity (step 0 = the base model).
+    """
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, h):
+        cfg = self.cfg
+        z = nn.gelu(dense(cfg, cfg.adapter_dim, ("embed", None), "down")(h), approximate=False)
+        up = nn.Dense(h.shape[-1], kernel_init=initializers.zeros((None, "embed")),
+                      bias_init=initializers.zeros(("embed",)), dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, name="up")
+        return h + up(z)
 
 
 class Block(nn.Module):
@@ -76,6 +109,7 @@ class Block(nn.Module):
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=cfg.max_len,
             init=cfg.init, init_std=cfg.init_std, dropout_rate=cfg.attention_dropout,
             impl=cfg.attention_impl, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            lora=lora.spec(cfg), ia3=cfg.ia3, prefix_length=cfg.prefix_length,
             name="attention",
         )
         mlp = Mlp(cfg, name="mlp")
@@ -83,15 +117,21 @@ class Block(nn.Module):
         if cfg.norm == "pre":
             h = attention(layer_norm(cfg, "attention_norm")(x), mask,
                           deterministic=deterministic, decode=decode)
-            x = x + drop(h, deterministic=deterministic)
-            h = mlp(layer_norm(cfg, "mlp_norm")(x))
-            x = x + drop(h, deterministic=deterministic)
+            x = x + drop(self.adapt(h, "attention_adapter"), deterministic=deterministic)
+            h = mlp(layer_norm(cfg, "mlp_norm")(x), deterministic)
+            x = x + drop(self.adapt(h, "mlp_adapter"), deterministic=deterministic)
         else:
             h = attention(x, mask, deterministic=deterministic, decode=decode)
+            h = self.adapt(h, "attention_adapter")
             x = layer_norm(cfg, "attention_norm")(x + drop(h, deterministic=deterministic))
-            h = mlp(x)
+            h = self.adapt(mlp(x, deterministic), "mlp_adapter")
             x = layer_norm(cfg, "mlp_norm")(x + drop(h, deterministic=deterministic))
         return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
+
+    def adapt(self, h, name):
+        """A sub-layer's output [batch, seq, embed] through its adapter, if any (Houlsby
+        places one after attention and one after the MLP, before the residual)."""
+        return Adapter(self.cfg, name=name)(h) if self.cfg.adapter_dim else h
 
 
 class Encoder(nn.Module):
@@ -117,6 +157,11 @@ class Encoder(nn.Module):
                     cfg.init_std, ("position", "embed")),
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             )
+        if cfg.prompt_length:
+            # Prompt tuning (Lester et al. 2021): p free input vectors, drawn like embeddings.
+            self.prompt = self.param(
+                "prompt", initializers.embedding(cfg.init_std, (None, "embed")),
+                (cfg.prompt_length, cfg.hidden), cfg.param_dtype)
         # Post-LN (BERT) normalises the embeddings; pre-LN normalises the final output.
         self.norm = layer_norm(cfg, "embed_norm" if cfg.norm == "post" else "final_norm")
         self.dropout = nn.Dropout(cfg.dropout)
@@ -135,12 +180,26 @@ class Encoder(nn.Module):
         is not assumed, every token is real); positions (default 0..seq-1); token types;
         prefix_mask for prefix-LM. `attention_mask` [batch, 1, q, k] overrides the mask
         built from segment ids (the decoding loop passes the cache-wide mask).
+
+        With `cfg.prompt_length` p > 0 the p prompt vectors are inserted after position 0
+        (so [CLS] stays at 0 for pooling) into the embedded sequence, before the embedding
+        norm; real tokens keep their position embeddings and prompts take none (they are
+        free vectors). Prompts share the segment of the row's first token, so every token
+        of that sequence attends to them (causal masks: tokens after them). The output is
+        trimmed back to [batch, seq, embed]: heads see the original positions.
         """
         cfg = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if cfg.prompt_length:
+            if decode or attention_mask is not None:
+                raise ValueError("config.model.prompt_length > 0 supports neither decoding "
+                                 "nor an explicit attention_mask")
+            segment_ids = insert_after_first(segment_ids, segment_ids[:, :1], cfg.prompt_length)
+            if prefix_mask is not None:  # Prompts belong to the bidirectional prefix.
+                prefix_mask = insert_after_first(prefix_mask, True, cfg.prompt_length)
         if attention_mask is None:
             attention_mask = make_attention_mask(segment_ids, cfg.attention_mask, prefix_mask)
         x = self.embed_tokens(tokens) + self.position_embed(positions)
@@ -148,6 +207,8 @@ class Encoder(nn.Module):
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(tokens)
             x = x + self.type_embed(token_type_ids)
+        if cfg.prompt_length:
+            x = insert_after_first(x, self.prompt.astype(x.dtype), cfg.prompt_length)
         x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
         if cfg.norm == "post":
             x = self.norm(x)
@@ -156,6 +217,8 @@ class Encoder(nn.Module):
             x = block(x, attention_mask, deterministic, decode)
         if cfg.norm == "pre":
             x = self.norm(x)
+        if cfg.prompt_length:  # Drop the prompts: heads see the input's positions.
+            x = jnp.concatenate([x[:, :1], x[:, 1 + cfg.prompt_length:]], axis=1)
         return x
 
     def embed_tokens(self, tokens):
@@ -164,6 +227,19 @@ class Encoder(nn.Module):
     def attend(self, x):
         """Tied output projection: hidden [..., embed] -> logits [..., vocab]."""
         return self.token_embed.attend(x)
+
+
+def insert_after_first(x, inserted, length):
+    """x [batch, seq, ...] -> [batch, seq + length, ...] with `inserted` after position 0.
+
+    `inserted` broadcasts to [batch, length, *x.shape[2:]]: a scalar, [batch, 1] for
+    ids, or [length, embed] for the prompt vectors.
+    """
+    inserted = jnp.asarray(inserted, x.dtype)
+    if inserted.ndim == x.ndim - 1:  # [length, ...]: shared by every row.
+        inserted = inserted[None]
+    inserted = jnp.broadcast_to(inserted, (x.shape[0], length, *x.shape[2:]))
+    return jnp.concatenate([x[:, :1], inserted, x[:, 1:]], axis=1)
 
 
 class ClassifyHead(nn.Module):
@@ -262,6 +338,10 @@ def resolve(cfg):
     if cfg["norm"] not in ("pre", "post"):
         raise ValueError(f"config.model.norm={cfg['norm']!r}; expected 'pre' or 'post'")
     initializers.base(cfg["init"])  # Fails early on an unknown initialiser.
+    lora.check(cfg)
+    for key in ("prompt_length", "prefix_length", "adapter_dim"):
+        if cfg[key] < 0:
+            raise ValueError(f"config.model.{key}={cfg[key]}; expected >= 0 (0 = off)")
     cfg["dtype"] = jnp.dtype(cfg["dtype"])
     cfg["param_dtype"] = jnp.dtype(cfg["param_dtype"])
     cfg["heads"] = tuple(cfg["heads"])

@@ -30,8 +30,13 @@ def learning_rate_schedule(optim_cfg, num_steps):
 
 
 def weight_decay_mask(params):
-    """Decay matrices only: biases and norm scales/offsets (1-D) are left alone."""
-    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    """Decay weights only, as BERT does: never biases (some are [heads, head_dim]), norm
+    scales/offsets, or (IA)^3 scales (initialised to one: decay would pull them towards
+    zeroing their keys/values)."""
+    def decays(path, p):
+        name = param_rules.path_string(path).rsplit("/", 1)[-1]
+        return p.ndim > 1 and name != "bias" and not name.startswith("ia3_")
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def scale_by_multipliers(multiplier_of_path):

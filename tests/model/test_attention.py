@@ -1,6 +1,8 @@
 """Attention masks against a loop-by-loop numpy reference, and the KV cache against the
 full forward pass."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,12 +94,18 @@ def test_masks_decide_what_each_position_sees(mode):
         assert not np.isclose(hidden(tokens)[:, 0], hidden(changed_prefix)[:, 0]).all()
 
 
-@pytest.mark.parametrize("norm", ["pre", "post"])
-def test_kv_cache_decoding_equals_full_forward(norm):
-    model = tiny_model(attention_mask="causal", norm=norm)
+# PEFT: (IA)^3 scales keys before the cache; prefixes join after it (model/attention.py).
+@pytest.mark.parametrize("norm, peft", [
+    ("pre", {}), ("post", {}),
+    ("pre", dict(ia3=True, prefix_length=3, lora_rank=2, adapter_dim=4))])
+def test_kv_cache_decoding_equals_full_forward(norm, peft):
+    model = tiny_model(attention_mask="causal", norm=norm, **peft)
     batch, max_len, prompt = 2, model.cfg.max_len, 5
     tokens = jax.random.randint(jax.random.key(2), (batch, max_len), 1, 97)
     params = model.init(jax.random.key(0), tokens)["params"]
+    # Away from the identity init, so that the adapted keys/values matter.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if re.search("ia3|lora_b|adapter", str(path)) else x, params)
     full = model.apply({"params": params}, tokens)["lm"]
 
     cache = model.init(jax.random.key(0), tokens, decode=True)["cache"]

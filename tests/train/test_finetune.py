@@ -66,6 +66,13 @@ def test_method_trainable_counts_follow_their_formulas(tmp_path):
         "method=bitfit": head + biases,
         "method=bitfit,norm_offsets": head + biases + norms,
         "method=freeze,freeze_blocks=4": head + (layers - 4) * block,
+        # LoRA r=8 on query and value: A [768, 8] + B [8, 12, 64] each.
+        "method=lora": head + layers * 2 * 8 * (hidden + hidden),  # 294,912 + head.
+        "method=ia3": head + layers * (hidden + hidden + mlp),  # 55,296 + head.
+        "method=prompt_tuning": head + 20 * hidden,  # 15,360 + head.
+        "method=prefix_tuning": head + layers * 2 * 20 * hidden,  # 368,640 + head.
+        # Houlsby, bottleneck 64: down and up (+ biases) after attention and after the MLP.
+        "method=adapters": head + layers * 2 * (2 * hidden * 64 + 64 + hidden),
     }
     for arg, want in expected.items():
         counts = loop.dry_run(finetune.get_config(f"{arg},size=base"), str(tmp_path))
