@@ -8,6 +8,7 @@ that `config.logical_axis_rules` maps onto the (data, fsdp, tensor) mesh.
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -15,13 +16,12 @@ from model import initializers, lora
 from model.attention import Linear, MultiHeadAttention, make_attention_mask
 
 HEADS = ("classify", "mlm", "lm")
+# Which activations a rematerialised block keeps for the backward pass (None: none).
 REMAT_POLICIES = {
     "none": None,
-    "full": lambda: None,  # Save nothing: recompute the whole block.
-    "dots_saveable": lambda: __import__("jax").checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims": lambda: __import__(
-        "jax"
-    ).checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -170,7 +170,7 @@ class Encoder(nn.Module):
             if cfg.remat not in REMAT_POLICIES:
                 raise ValueError(
                     f"config.model.remat={cfg.remat!r}; expected one of {list(REMAT_POLICIES)}")
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat](),
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat],
                              static_argnums=(3, 4))
         self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
 

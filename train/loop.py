@@ -83,10 +83,12 @@ def train_and_evaluate(config, workdir):
         train_source, tok, data_cfg, seed=config.seed, with_labels=False if mlm else None,
         transform=masking.train_transform(tok, data_cfg, seed=config.seed) if mlm else None)
 
+    eval_sources = {split: sources.load_split(data_cfg, split)  # Opened once, read per eval.
+                    for split in (data_cfg.eval_split, data_cfg.test_split)}
+
     def eval_batches(split):
-        source = sources.load_split(data_cfg, split)
         return pipeline.make_eval_iterator(
-            source, tok, data_cfg, with_labels=False if mlm else None,
+            eval_sources[split], tok, data_cfg, with_labels=False if mlm else None,
             transform=masking.eval_transform(tok, data_cfg) if mlm else None)
 
     # --- Model, optimizer, objective ------------------------------------------------
