@@ -1,0 +1,75 @@
+r"""Stage 4 — retrieval-augmented generation on WordNet knowledge questions.
+
+  python -m launch.main --config configs/rag.py --workdir runs/rag
+  python -m launch.main --config configs/rag.py:runlocal --workdir runs/rag_local
+  python -m launch.ask --workdir runs/rag "What is a poodle a kind of?"
+  # Starting the generator from the MLM checkpoint (same size and tokenizer):
+  python -m launch.main --config configs/rag.py --config.init_from=runs/mlm --workdir W
+
+One knowledge-base passage per synset, questions whose answer one passage states
+(retrieval/wordnet_qa.py), an all-MiniLM-L6-v2 retriever over a ScaNN index, and the
+shared transformer as a prefix-LM generator trained RAFT style through the normal loop
+(task "prefix_lm"); retrieval/rag_run.py runs it all and writes results.json.
+Arguments: `runlocal` (a 1,000-passage KB, hypernym questions, a tiny model: minutes on
+a CPU), `size=`.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, runlocal=False, size="mini")
+    c = common.base_config()
+    c.task = "rag"
+    c.model = common.model_config(arg.size, heads=("lm",), attention_mask="prefix",
+                                  max_len=192)
+    c.model.vocab_size = c.data.get_ref("vocab_size")
+    c.data.seq_len = 192  # The question, k passages and max_answer_tokens + 1.
+    c.data.max_answer_tokens = 12
+    c.data.batch_size = 64
+    c.data.eval_batch_size = 64
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 200
+    c.train.num_steps = 4000
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.train.eval_steps = 8
+    c.train.final_eval_steps = 16
+    c.train.best_metric = "eval/loss"
+    c.train.best_mode = "min"
+    c.rag = ml_collections.ConfigDict(dict(
+        encoder="hf:minilm",  # The retriever: train.embedding.load_encoder spec.
+        k=3,  # Passages retrieved and packed per question.
+        kb_size=0,  # Passages in the knowledge base; 0: every synset (117,659).
+        question_kinds=("hypernym", "gloss"),
+        max_train_questions=0,  # 0: all the KB's training-split questions.
+        max_eval_questions=2000,  # Per held-out split.
+        # Training distractors: "retrieved" (top-k over the KB's training passages) or
+        # "random" (RAFT's sampled ones; training questions from every training synset).
+        train_distractors="retrieved",
+        distractor_fraction=0.2,  # RAFT: examples whose passages are all distractors.
+        no_context_fraction=0.1,  # Examples with no passages (closed-book practice).
+        new_info_passages=200,  # Test passages held out of the index, then upserted.
+        encode_batch_size=64,
+        decode_batch_size=64,
+    ))
+    if arg.runlocal:
+        common.apply_runlocal(c)  # The tiny model.
+        c.model.max_len = c.data.seq_len = 96
+        c.data.max_answer_tokens = 8
+        c.data.vocab_size = 2000
+        c.data.batch_size = 32
+        c.optim.lr = 3e-3
+        c.optim.warmup_steps = 30
+        c.train.num_steps = 1500
+        c.train.eval_every = 500
+        c.train.checkpoint_every = 500
+        c.train.final_eval_steps = 4
+        # Hypernym questions only: a tiny model learns to copy their (frequent) answers
+        # from the passage within minutes; gloss answers (rare lemmas) take longer.
+        c.rag.update(k=2, kb_size=1000, max_eval_questions=200, new_info_passages=40,
+                     question_kinds=("hypernym",), train_distractors="random",
+                     max_train_questions=40_000)
+    return c
