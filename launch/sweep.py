@@ -1,0 +1,231 @@
+r"""Runs the sweep a config declares (`get_sweep(arg)`, train/sweeps.py) and reports it.
+
+  python -m launch.sweep --config configs/finetune.py:runlocal --workdir runs/sweep
+  python -m launch.sweep --config configs/X.py --workdir W --mode=parallel --max_parallel=4
+  python -m launch.sweep --config configs/X.py --workdir W --mode=print   # for a cluster
+  python -m launch.sweep --config configs/X.py --workdir W --mode=collect # after it ran
+
+Modes: `sequential` (default) trains the trials one after another in this process;
+`parallel` runs `launch.main` subprocesses, `--max_parallel` at once (each logs to
+`W/<trial>/train.log`); `print` prints each unfinished trial's `launch.main` command;
+`collect` only writes the report. `--config.<field>=<value>` (after `--config`) applies
+to every trial, e.g. `--config.data.data_dir=...`.
+
+`W/sweep.json` (the trial list) is written before anything runs. Trials whose
+`W/<trial>/results.json` exists are skipped, so re-running a killed sweep runs only the
+rest (a half-finished trial resumes from its checkpoints). At the end, and after each
+trial, `W/results.csv` and `W/results.md` are rewritten (the PNG plots at the end;
+`--mode=collect` redraws them any time).
+"""
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from train import sweep_report, sweeps
+
+
+def define_flags():
+    """Defined only when run as a program: tests import `run_sweep` beside other entry
+    points' flags of the same names."""
+    flags.DEFINE_string("config", None, "Config file (`path.py[:args]`) defining "
+                        "get_sweep(arg) beside get_config(arg).")
+    flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory a trial.")
+    flags.DEFINE_enum("mode", "sequential", ["sequential", "parallel", "print", "collect"],
+                      "How to run the trials (see the module docstring).")
+    flags.DEFINE_integer("max_parallel", 2, "Trials at once in --mode=parallel.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("strata")
+_cli_overrides = []  # "field=value" from the command line's --config.<field>=<value>.
+
+
+def load_sweep(config_path):
+    """The SweepSpec of `config_path`'s get_sweep(arg)."""
+    path, arg = sweeps.split_config_path(config_path)
+    module = sweeps.load_config_module(path)
+    if not hasattr(module, "get_sweep"):
+        raise ValueError(f"{path} defines no get_sweep(arg); see train/sweeps.py")
+    return sweeps.parse_sweep(module.get_sweep(arg) if arg else module.get_sweep())
+
+
+def prepare(config_path, workdir, cli_overrides=()):
+    """-> (spec, trials, {trial name: config}). Every trial's config is built and checked
+    before anything runs, so a bad sweep key fails now, naming it; sweep.json is written."""
+    from train.config_checks import validate
+
+    spec = load_sweep(config_path)
+    trials = sweeps.enumerate_trials(spec)
+    configs = {}
+    for trial in trials:
+        config = sweeps.trial_config(config_path, trial, cli_overrides)
+        try:
+            validate(config)
+        except ValueError as error:
+            raise ValueError(f"Trial {trial.name}: {error}") from error
+        config.lock()
+        configs[trial.name] = config
+    splits = {sweep_report.split_name(c.data.eval_split) for c in configs.values()}
+    if spec.metric.split("/")[0] not in splits:
+        raise ValueError(f"Sweep metric={spec.metric!r} is not on the trials' eval split "
+                         f"{sorted(splits)} (config.data.eval_split)")
+    sweeps.write_sweep_record(workdir, config_path, spec, trials, cli_overrides)
+    log.info("Sweep of %d trials in %s (%d finished)", len(trials), workdir,
+             sum(sweeps.is_finished(workdir, t) for t in trials))
+    return spec, trials, configs
+
+
+def train_in_process(trial, config, workdir):
+    """Trains one trial here, as launch.main would (one process: a multi-host trial
+    runs from --mode=print's commands)."""
+    import jax
+
+    from train import loop
+
+    # Set per trial: an earlier trial's choice must not leak into this one.
+    jax.config.update("jax_default_prng_impl", config.prng_impl or "threefry2x32")
+    try:
+        if config.task == "rag":  # Index, generator (through the loop), evaluation.
+            from retrieval import rag_run
+
+            results = rag_run.run(config, workdir)
+        else:
+            results = loop.train_and_evaluate(config, workdir)
+    finally:  # Each trial compiles its own steps; don't keep every trial's executables.
+        jax.clear_caches()
+    if "preempted_at_step" in results:  # SIGTERM: the trial saved; end the sweep too.
+        raise SystemExit(f"Preempted during trial {trial.name}; re-run to resume")
+
+
+def prepare_data(configs):
+    """Builds each distinct dataset and tokenizer once, here, before trials start in
+    parallel: concurrent processes would each build them into the same directory."""
+    from train.data import sources, tokenizer
+
+    seen = set()
+    for config in configs.values():
+        key = json.dumps(config.data.to_dict(), sort_keys=True, default=repr)
+        if key not in seen:
+            seen.add(key)
+            sources.load_split(config.data, config.data.train_split)
+            tokenizer.get_tokenizer(config.data)
+
+
+def run_parallel(config_path, workdir, trials, cli_overrides, max_parallel, on_done):
+    """`launch.main` subprocesses, `max_parallel` at once, `on_done(failed)` after each;
+    returns the names of the failed trials."""
+    pending = [t for t in trials if not sweeps.is_finished(workdir, t)]
+    running, failed = {}, []
+    # Several processes share the accelerator: none may pre-allocate most of its memory.
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    try:
+        while pending or running:
+            while pending and len(running) < max_parallel:
+                trial = pending.pop(0)
+                trial_dir = os.path.join(workdir, trial.name)
+                os.makedirs(trial_dir, exist_ok=True)
+                command = sweeps.trial_command(config_path, trial, workdir, cli_overrides,
+                                               python=sys.executable)
+                log_file = open(os.path.join(trial_dir, "train.log"), "a")
+                log.info("Started %s (log: %s)", trial.name, log_file.name)
+                running[subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                         env=env)] = (trial, log_file)
+            time.sleep(0.5)
+            for process in [p for p in running if p.poll() is not None]:
+                trial, log_file = running.pop(process)
+                log_file.close()
+                if process.returncode or not sweeps.is_finished(workdir, trial):
+                    log.error("Trial %s failed (exit %s); see %s", trial.name,
+                              process.returncode, log_file.name)
+                    failed.append(trial.name)
+                else:
+                    log.info("Finished %s", trial.name)
+                on_done(failed)
+    finally:  # Interrupted: SIGTERM makes each trial checkpoint and exit; re-run resumes.
+        for process in running:
+            process.terminate()
+        for process, (_, log_file) in running.items():
+            process.wait()
+            log_file.close()
+    return failed
+
+
+def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overrides=(),
+              run_trial=train_in_process):
+    """Runs (or prints) the unfinished trials, then writes the report; returns the names
+    of failed trials. `run_trial(trial, config, trial_workdir)` trains one trial in
+    sequential mode (tests pass a cheap stand-in)."""
+    spec, trials, configs = prepare(config_path, workdir, cli_overrides)
+    test_split = next(iter(configs.values())).data.test_split
+
+    def report(failed=(), plots=False):  # Tables after each trial; plots at the end.
+        return sweep_report.write_report(workdir, spec, trials, failed, test_split, plots)
+
+    failed = []
+    if mode == "print":
+        for trial in trials:
+            if not sweeps.is_finished(workdir, trial):
+                print(shlex.join(sweeps.trial_command(config_path, trial, workdir,
+                                                      cli_overrides)))
+        collect = ["python", "-m", "launch.sweep", f"--config={config_path}",
+                   f"--workdir={workdir}", "--mode=collect",
+                   *(f"--config.{o}" for o in cli_overrides)]
+        print(f"# When they have finished: {shlex.join(collect)}")
+        return failed
+    if mode == "sequential":
+        failed = sweeps.run_trials(
+            workdir, trials,
+            lambda t: run_trial(t, configs[t.name], os.path.join(workdir, t.name)),
+            on_done=report)
+    elif mode == "parallel":
+        prepare_data({t.name: configs[t.name] for t in trials
+                      if not sweeps.is_finished(workdir, t)})
+        failed = run_parallel(config_path, workdir, trials, cli_overrides, max_parallel,
+                              report)
+    elif mode != "collect":
+        raise ValueError(f"--mode={mode!r}; expected sequential, parallel, print or collect")
+    outputs = report(failed, plots=True)
+    log.info("Sweep report: %s (%d trials failed)", outputs["markdown"], len(failed))
+    return failed
+
+
+def main(argv):
+    del argv
+    # Our own progress at INFO; libraries (orbax, tfds log through absl) at WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("strata").setLevel(logging.INFO)
+    try:
+        f = flags.FLAGS
+        failed = run_sweep(f.config, f.workdir, f.mode, f.max_parallel, _cli_overrides)
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        sys.exit(f"FATAL: {error.args[0] if error.args else error}")
+    if failed:
+        sys.exit(f"{len(failed)} trial(s) failed: {', '.join(failed)}")
+
+
+def parse_flags(argv):
+    """Sets aside `--config.<field>=<value>` (applied to every trial), parses the rest."""
+    rest = []
+    for arg in argv:
+        if arg.startswith("--config."):
+            if "=" not in arg:
+                sys.exit(f"FATAL: {arg}: write --config.<field>=<value> with '='")
+            _cli_overrides.append(arg[len("--config."):])
+        else:
+            rest.append(arg)
+    try:
+        return flags.FLAGS(rest)
+    except flags.Error as error:
+        sys.exit(f"FATAL: {error}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
