@@ -1,0 +1,149 @@
+"""Ahead-of-time compilation of the train step (MaxText's `train_compile`): the step is
+lowered and compiled for the mesh from abstract state and batch — shapes, dtypes and
+shardings only, nothing allocated — and XLA reports the memory each device would need.
+
+Run it before a pod job to catch an out-of-memory mesh in a minute instead of after the
+queue: `python -m launch.main --config ... --workdir W --compile_only [--topology ...]`.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from train import checkpoints as ckpt
+from train import memory, model_setup, objectives, partitioning
+from train.data import masking
+from train.optimizer import optimizer_state_bytes
+from train.steps import make_train_step
+
+
+def topology_devices(topology):
+    """Devices to compile for: "" -> this machine's; "cpu:N" -> N of this machine's CPU
+    devices; "tpu:NAME" (e.g. "tpu:v5e:4x4") -> a TPU topology described without the
+    hardware (needs libtpu; `jax.experimental.topologies`)."""
+    if not topology:
+        return jax.devices()
+    platform, _, name = topology.partition(":")
+    if platform == "cpu":
+        count = int(name or len(jax.devices("cpu")))
+        devices = jax.devices("cpu")
+        if count > len(devices):
+            raise ValueError(
+                f"--topology={topology}: only {len(devices)} CPU devices; start with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+        return devices[:count]
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(topology_name=name, platform=platform).devices
+    except Exception as error:  # noqa: BLE001 - unsupported platforms raise many kinds.
+        raise ValueError(f"--topology={topology}: this jax/libtpu cannot describe it "
+                         f"({type(error).__name__}: {error})") from error
+
+
+def abstract_batch(config, mesh):
+    """The global train batch as ShapeDtypeStructs sharded over (data, fsdp)."""
+    data_cfg, b, length = config.data, config.data.batch_size, config.data.seq_len
+    sharding = partitioning.batch_sharding(mesh)
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
+
+    batch = {"tokens": spec((b, length), "int32"), "segment_ids": spec((b, length), "int32"),
+             "positions": spec((b, length), "int32"), "example_weight": spec((b,), "float32")}
+    if config.task == "mlm":
+        p = masking.max_predictions(data_cfg)
+        batch.update(mlm_positions=spec((b, p), "int32"), mlm_targets=spec((b, p), "int32"),
+                     mlm_weights=spec((b, p), "float32"))
+    else:
+        batch["labels"] = spec((b,), "int32")
+    return batch
+
+
+def _bytes(tree):
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(tree)))
+
+
+def compile_train_step(config, devices=None):
+    """-> (compiled step, report dict). Allocates no parameters, optimizer state or batch."""
+    rules = tuple(tuple(r) for r in config.logical_axis_rules)
+    devices = jax.devices() if devices is None else devices
+    mesh = partitioning.make_mesh(config.mesh, devices)
+    partitioning.check_batch_divides(config.data.batch_size, mesh)
+    model = model_setup.build_model(config)
+    tx, schedule, trainable = model_setup.build_optimizer(config, model)
+    class_weights = None
+    if config.train.class_weighted_loss:  # Values do not matter for compiling, shapes do.
+        class_weights = np.ones(config.model.num_classes, np.float32)
+    objective = objectives.make_objective(config, class_weights)
+    boxed, abstract = model_setup.abstract_train_state(model, tx, config.data.seq_len)
+    shardings = model_setup.state_shardings(boxed, mesh, rules)
+    state = ckpt.abstract_with_shardings(abstract, shardings)
+    batch = abstract_batch(config, mesh)
+    replicated = partitioning.replicated(mesh)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = jax.jit(
+            make_train_step(model, tx, objective, seed=config.seed,
+                            grad_accum_steps=config.optim.grad_accum_steps,
+                            schedule=schedule, trainable=trainable),
+            in_shardings=(shardings, partitioning.batch_sharding(mesh)),
+            out_shardings=(shardings, replicated), donate_argnums=(0,))
+        lowered = step.lower(state, batch)
+        lowered_s = time.perf_counter() - start
+        compiled = lowered.compile()
+    compile_s = time.perf_counter() - start - lowered_s
+    counts = model_setup.parameter_counts(abstract.params, trainable)
+    report = {
+        "mesh": dict(mesh.shape),
+        "num_devices": mesh.size,
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "batch_size": int(config.data.batch_size),
+        "seq_len": int(config.data.seq_len),
+        "parameters": counts["total"],
+        "trainable": counts["trainable"],
+        "param_bytes": _bytes(abstract.params),
+        "optimizer_state_bytes": optimizer_state_bytes(abstract.opt_state),
+        "state_bytes": _bytes(abstract),
+        "lower_s": lowered_s,
+        "compile_s": compile_s,
+        "per_device": memory_figures(compiled),
+    }
+    return compiled, report
+
+
+def memory_figures(compiled):
+    """XLA's per-device byte counts for a compiled step (None where it won't say)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    figures = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0) for name in (
+        "argument", "output", "alias", "temp", "generated_code")}
+    figures = {f"{k}_bytes": v for k, v in figures.items()}
+    # Donated state is both argument and output: counted once. An upper bound on the
+    # step's footprint; XLA's own peak (where the backend computes one) may be lower.
+    figures["total_bytes"] = (figures["argument_bytes"] + figures["output_bytes"]
+                              - figures["alias_bytes"] + figures["temp_bytes"])
+    figures["peak_bytes"] = memory.compiled_step_bytes(compiled)
+    return figures
+
+
+def compile_only(config, workdir, topology=""):
+    """Compiles the train step for `topology`; writes and returns `W/compile.json`."""
+    _, report = compile_train_step(config, topology_devices(topology))
+    report["topology"] = topology or "current"
+    # Evidence that nothing was allocated: the arrays alive now, and this process's peak.
+    report["live_array_bytes"] = int(sum(x.nbytes for x in jax.live_arrays()))
+    report["host_peak_rss_bytes"] = memory.host_peak_rss_bytes()
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "compile.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return report
