@@ -15,6 +15,13 @@ MODEL_SIZES = {
     "large": dict(num_layers=24, hidden=1024, num_heads=16, mlp_dim=4096),
 }
 
+# Pre-trained Hugging Face checkpoints by alias (`configs/finetune.py:hf=minilm`, init_from
+# `hf:minilm`): the model fields of their config.json, which train/init_from.py checks.
+PRETRAINED = {
+    "minilm": dict(vocab_size=30522, hidden=384, num_layers=6, num_heads=12, mlp_dim=1536,
+                   max_len=512, type_vocab_size=2, layer_norm_eps=1e-12, norm="post"),
+}
+
 # Logical axis -> mesh axes (MaxText style). Changing parallelism is an edit here.
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
@@ -96,6 +103,9 @@ def model_config(size="small", **overrides):
             ia3=False,  # (IA)^3: learned scales of keys, values and the MLP hidden.
             prompt_length=0,  # Prompt tuning: learned input vectors after [CLS]; 0 = off.
             prefix_length=0,  # Prefix tuning: learned keys/values per layer; 0 = off.
+            # > 0: prefixes come from an MLP of this width (Li & Liang's reparameterisation),
+            # folded into plain prefixes after training (model/prefix.py). 0 = free prefixes.
+            prefix_mlp_dim=0,
             adapter_dim=0,  # Houlsby adapters' bottleneck width; 0 = off.
         )
     )
@@ -110,7 +120,9 @@ def base_config():
     c.seed = 0
     # "" keeps JAX's default (threefry); "unsafe_rbg" makes dropout masks much cheaper.
     c.prng_impl = ""
-    c.task = "classify"  # Objective: "classify" (supervised) | "mlm" (issue 3) ...
+    # Objective: "classify" (supervised) | "mlm" (issue 3) | "prefix_lm" (answer after a
+    # bidirectional prompt) | "rag" (retrieval/rag_run.py: index, generator, evaluation).
+    c.task = "classify"
     c.model = model_config()
     c.init_from = ""  # Workdir or checkpoint path to initialise matching params from.
 
@@ -132,6 +144,9 @@ def base_config():
             test_split="test",
             seq_len=128,
             vocab_size=8192,  # Sentencepiece vocabulary trained on the training split.
+            # "sentencepiece" (trained on the data) | "wordpiece" (a checkpoint's BERT
+            # vocab: tokenizer_path = vocab.txt, its directory or hf:minilm).
+            tokenizer="sentencepiece",
             tokenizer_path="",  # "" -> cached beside the dataset in data_dir.
             tokenizer_sample=200_000,  # Max training-split texts used to fit sentencepiece.
             packing=False,  # Pack several sequences per row (pre-training) vs pad.
@@ -139,12 +154,19 @@ def base_config():
             eval_batch_size=64,
             shuffle_buffer_seed=0,
             worker_count=0,  # grain worker processes; 0 = in the main process.
-            label_fraction=1.0,
+            label_fraction=1.0,  # Stratified fraction of the labelled train split kept.
+            sampling="uniform",  # "uniform" (epochs) | "class_balanced" (P(x) ∝ 1/count(y)).
+            token_dropout=0.0,  # Training only: P(delete) of each non-special piece.
+            token_substitution=0.0,  # Training only: P(random non-special piece) per piece.
             # Masked-LM examples (task="mlm"; train/data/masking.py), BERT's recipe:
             mlm_rate=0.15,  # Fraction of non-special pieces predicted, per packed sequence.
             mlm_whole_word=False,  # Mask whole words (all pieces of a "▁" word together).
             mlm_dynamic=True,  # New mask each time a sequence is seen; False: one fixed mask.
             mlm_max_predictions=-1,  # Predictions per row; -1: ceil(mlm_rate * seq_len).
+            # task="prefix_lm" (train/data/prefix_lm.py): <qa_dir>/<split>.jsonl examples
+            # {question, passages, answer}; answers cut to max_answer_tokens pieces.
+            qa_dir="",
+            max_answer_tokens=16,
         )
     )
 
@@ -171,6 +193,14 @@ def base_config():
             # ELECTRA-style: block i of N gets lr * decay**(N - i), embeddings
             # decay**(N + 1), heads 1.0; multiplies param_rules' multiplier. 0 disables.
             layerwise_lr_decay=0.0,
+            # Penalty l2/2 ||θ-a||² + l1 ||θ-a||₁ added to the loss (train/regularizers.py).
+            l2_strength=0.0,
+            l1_strength=0.0,
+            regularize_toward="zero",  # a: "zero" (matrices) | "init" (L2-SP: init_from's θ).
+            regularize_fresh=r"classify_head/.*",  # "init": these (new, random) go to zero.
+            # ULMFiT gradual unfreezing (train/unfreezing.py): head first, then one block
+            # more every N steps from the top, embeddings last. 0 disables.
+            gradual_unfreeze_every=0,
         )
     )
 
@@ -180,17 +210,57 @@ def base_config():
             log_every=50,
             eval_every=250,
             eval_steps=-1,  # -1: the whole eval split.
+            final_eval_steps=-1,  # results.json's validation/test: -1 the whole splits.
             checkpoint_every=250,
             keep_checkpoints=3,
             best_metric="eval/accuracy",
             best_mode="max",
             class_weighted_loss=False,
             label_smoothing=0.0,
+            # With init_from an MLM checkpoint: held-out MLM loss of the encoder before
+            # and after fine-tuning in results.json["forgetting"] (train/forgetting.py).
+            report_forgetting=True,
             progress=True,
         )
     )
 
+    # Retrieval index (retrieval/index_config.py IndexConfig mirrors these fields).
+    c.index = ml_collections.ConfigDict(
+        dict(
+            kind="auto",  # "auto" (ScaNN where importable, else exact) | "exact" | "scann"
+            brute_force_below=2_000,  # ScaNN brute force below this many documents...
+            tree_min_size=20_000,  # ...AH + reorder below this, tree + AH + reorder above.
+            num_leaves=-1,  # Tree partitions; -1: round(sqrt(n)).
+            leaves_to_search=-1,  # Partitions searched per query; -1: leaves_fraction.
+            leaves_fraction=0.08,  # Of num_leaves; tuned by launch/benchmark_index.py.
+            tree_training_sample=50_000,  # Vectors the k-means tree is trained on.
+            reorder=100,  # AH candidates rescored exactly (>= k at search time).
+            ah_dims_per_block=2,  # Dimensions per 4-bit asymmetric-hashing code.
+            ah_training_sample=30_000,  # Vectors the AH codebooks are trained on.
+            anisotropic_threshold=0.2,  # Score-aware AH loss (ScaNN); nan: plain k-means.
+            spherical=False,  # Spherical k-means for the tree.
+            num_neighbors=10,  # Default k the ScaNN searcher is built for.
+            num_threads=0,  # Search threads; 0: all CPUs.
+            training_threads=0,  # Build threads; 0: all CPUs.
+            recall_queries=200,  # Sampled queries for the recall@k logged at build.
+            recall_k=10,
+            exact_block_size=16_384,  # Exact search scores the corpus this many rows a block.
+            seed=0,  # Of the recall query sample.
+        )
+    )
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Multi-host (train/distributed.py): unset ("" / -1) fields come from $STRATA_* or are
+    # detected (Cloud TPU, SLURM); all unset and nothing detected: one process.
+    c.distributed = ml_collections.ConfigDict(
+        dict(
+            mode="auto",  # "auto" | "jax" (always jax.distributed.initialize()) | "off"
+            coordinator_address="",  # "host:port" of process 0; $STRATA_COORDINATOR
+            num_processes=-1,  # $STRATA_NUM_PROCESSES
+            process_id=-1,  # $STRATA_PROCESS_ID
+            local_device_ids="",  # "0,1": this process's devices; $STRATA_LOCAL_DEVICE_IDS
+        )
+    )
     c.logical_axis_rules = LOGICAL_AXIS_RULES
     return c
 

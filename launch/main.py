@@ -3,10 +3,14 @@
 Any config field is overridable (`--config.optim.lr=3e-4`); config files take
 big_vision-style arguments after a colon (`configs/scratch.py:runlocal,size=base`).
 `--dry_run` builds the model abstractly, writes `W/params.json` and exits.
+`--compile_only [--topology=cpu:8|tpu:v5e:4x4]` compiles the train step for the mesh
+without allocating it, writes `W/compile.json` (per-device memory, compile time), exits.
+Multi-host: every process runs this same command (train/distributed.py connects them).
 """
 
 import json
 import logging
+import os
 import sys
 
 import jax
@@ -18,6 +22,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Count parameters abstractly and exit.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the train step ahead of time, report its memory, exit.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "", "With --compile_only: '' (these devices), cpu:N or tpu:<name>.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,6 +38,16 @@ def main(argv):
     logging.getLogger("strata").setLevel(logging.INFO)
     config = _CONFIG.value
     validate(config)
+    if _TOPOLOGY.value.startswith("cpu:") and "xla_force_host_platform_device_count" not in \
+            os.environ.get("XLA_FLAGS", ""):  # N fake CPU devices; read at backend start.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                   f"platform_device_count={_TOPOLOGY.value[4:]}").strip()
+        jax.config.update("jax_platforms", "cpu")
+    from train import distributed
+
+    distributed.initialize(config.get("distributed"))  # Before anything touches a device.
+    if jax.process_index() != 0:  # One process speaks for all.
+        logging.getLogger("strata").setLevel(logging.WARNING)
     if config.prng_impl:
         jax.config.update("jax_default_prng_impl", config.prng_impl)
     from train import loop
@@ -38,7 +56,17 @@ def main(argv):
         counts = loop.dry_run(config, _WORKDIR.value)
         print(json.dumps(counts, indent=2))
         return
-    results = loop.train_and_evaluate(config, _WORKDIR.value)
+    if _COMPILE_ONLY.value:
+        from train import aot
+
+        print(json.dumps(aot.compile_only(config, _WORKDIR.value, _TOPOLOGY.value), indent=2))
+        return
+    if config.task == "rag":  # Index, generator (through the loop), evaluation.
+        from retrieval import rag_run
+
+        results = rag_run.run(config, _WORKDIR.value)
+    else:
+        results = loop.train_and_evaluate(config, _WORKDIR.value)
     print(json.dumps(results, indent=2, default=str))
 
 

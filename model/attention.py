@@ -124,7 +124,8 @@ class MultiHeadAttention(nn.Module):
 
     Cache variables live in the "cache" collection: keys/values [batch, max_len, heads,
     head_dim] and the write index. The caller passes the mask for the whole cache
-    ([batch, 1, q_len, max_len]) when decoding.
+    ([batch, 1, q_len, max_len]) when decoding. A caller may pass a shorter cache (the
+    slots it will write; model/decoding.py does): its length is whatever it is given.
     """
 
     num_heads: int
@@ -141,7 +142,9 @@ class MultiHeadAttention(nn.Module):
     prefix_length: int = 0  # Prefix tuning: learned keys/values every query attends to.
 
     @nn.compact
-    def __call__(self, x, mask, *, deterministic=True, decode=False):
+    def __call__(self, x, mask, *, deterministic=True, decode=False, prefix_kv=None):
+        """`prefix_kv`: (keys, values) [prefix_length, heads, head_dim] made outside (the
+        prefix-tuning MLP reparameterisation) instead of this layer's own prefix params."""
         embed = x.shape[-1]
 
         def projection(name):
@@ -160,7 +163,7 @@ class MultiHeadAttention(nn.Module):
         if decode:
             key, value = self._update_cache(key, value)
         if self.prefix_length:  # After the cache: the cache holds real tokens only.
-            key, value, mask = self._prepend_prefix(key, value, mask)
+            key, value, mask = self._prepend_prefix(key, value, mask, prefix_kv)
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0:
@@ -194,7 +197,7 @@ class MultiHeadAttention(nn.Module):
         return self.param(name, initializers.ones(("heads", "kv")),
                           (self.num_heads, self.head_dim), self.param_dtype)
 
-    def _prepend_prefix(self, key, value, mask):
+    def _prepend_prefix(self, key, value, mask, prefix_kv=None):
         """Prefix tuning (Li & Liang 2021): p learned `prefix_key`, `prefix_value`
         [p, heads, head_dim] before the keys/values [batch, k_len, ...], visible to every
         query: mask [batch, 1, q_len, k_len] -> [batch, 1, q_len, p + k_len].
@@ -203,7 +206,10 @@ class MultiHeadAttention(nn.Module):
         init = initializers.embedding(self.init_std, (None, "heads", "kv"))
 
         def prepend(name, x):
-            prefix = self.param(name, init, shape, self.param_dtype).astype(x.dtype)
+            if prefix_kv is not None:
+                prefix = prefix_kv[0 if name == "prefix_key" else 1].astype(x.dtype)
+            else:
+                prefix = self.param(name, init, shape, self.param_dtype).astype(x.dtype)
             prefix = jnp.broadcast_to(prefix[None], (x.shape[0], *shape))
             return jnp.concatenate([prefix, x], axis=1)
 

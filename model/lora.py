@@ -53,6 +53,15 @@ def check(cfg):
         if not hits:
             raise ValueError(f"config.model.lora_targets={cfg['lora_targets']!r} matches none "
                              f"of {TARGETS}")
+        attention = cfg["num_heads"] * cfg["head_dim"]
+        sizes = {"query": (cfg["hidden"], attention), "key": (cfg["hidden"], attention),
+                 "value": (cfg["hidden"], attention), "out": (attention, cfg["hidden"]),
+                 "wi": (cfg["hidden"], cfg["mlp_dim"]), "wo": (cfg["mlp_dim"], cfg["hidden"])}
+        for target in hits:  # A rank above min(in, out) is no longer low-rank.
+            if cfg["lora_rank"] > min(sizes[target]):
+                raise ValueError(
+                    f"config.model.lora_rank={cfg['lora_rank']} exceeds the {target} "
+                    f"projection's rank bound min{sizes[target]} = {min(sizes[target])}")
 
 
 def merge_lora(params, model_cfg):

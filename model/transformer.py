@@ -103,7 +103,7 @@ class Block(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x, mask, deterministic=True, decode=False):
+    def __call__(self, x, mask, deterministic=True, decode=False, prefix_kv=None):
         cfg = self.cfg
         attention = MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=cfg.max_len,
@@ -116,12 +116,13 @@ class Block(nn.Module):
         drop = nn.Dropout(cfg.dropout)
         if cfg.norm == "pre":
             h = attention(layer_norm(cfg, "attention_norm")(x), mask,
-                          deterministic=deterministic, decode=decode)
+                          deterministic=deterministic, decode=decode, prefix_kv=prefix_kv)
             x = x + drop(self.adapt(h, "attention_adapter"), deterministic=deterministic)
             h = mlp(layer_norm(cfg, "mlp_norm")(x), deterministic)
             x = x + drop(self.adapt(h, "mlp_adapter"), deterministic=deterministic)
         else:
-            h = attention(x, mask, deterministic=deterministic, decode=decode)
+            h = attention(x, mask, deterministic=deterministic, decode=decode,
+                          prefix_kv=prefix_kv)
             h = self.adapt(h, "attention_adapter")
             x = layer_norm(cfg, "attention_norm")(x + drop(h, deterministic=deterministic))
             h = self.adapt(mlp(x, deterministic), "mlp_adapter")
@@ -162,6 +163,8 @@ class Encoder(nn.Module):
             self.prompt = self.param(
                 "prompt", initializers.embedding(cfg.init_std, (None, "embed")),
                 (cfg.prompt_length, cfg.hidden), cfg.param_dtype)
+        if cfg.prefix_length and cfg.prefix_mlp_dim:
+            self.prefix_mlp = PrefixMlp(cfg)
         # Post-LN (BERT) normalises the embeddings; pre-LN normalises the final output.
         self.norm = layer_norm(cfg, "embed_norm" if cfg.norm == "post" else "final_norm")
         self.dropout = nn.Dropout(cfg.dropout)
@@ -213,8 +216,11 @@ class Encoder(nn.Module):
         if cfg.norm == "post":
             x = self.norm(x)
         x = self.dropout(x, deterministic=deterministic)
-        for block in self.blocks:
-            x = block(x, attention_mask, deterministic, decode)
+        prefixes = [None] * cfg.num_layers
+        if cfg.prefix_length and cfg.prefix_mlp_dim:
+            prefixes = self.prefix_mlp()
+        for block, prefix_kv in zip(self.blocks, prefixes):
+            x = block(x, attention_mask, deterministic, decode, prefix_kv)
         if cfg.norm == "pre":
             x = self.norm(x)
         if cfg.prompt_length:  # Drop the prompts: heads see the input's positions.
@@ -227,6 +233,31 @@ class Encoder(nn.Module):
     def attend(self, x):
         """Tied output projection: hidden [..., embed] -> logits [..., vocab]."""
         return self.token_embed.attend(x)
+
+
+class PrefixMlp(nn.Module):
+    """Prefix tuning's reparameterisation (Li & Liang 2021, sec. 4.3): every layer's
+    prefix keys and values come from one MLP over p free vectors, which trains more
+    stably than free prefixes. After training, `model/prefix.py:fold_prefix_mlp` stores
+    its outputs as plain per-layer prefixes and the MLP is dropped.
+
+    Params: `embedding` [p, hidden], `hidden` (dense hidden -> prefix_mlp_dim, tanh),
+    `output` (dense -> num_layers * 2 * heads * head_dim). Returns per layer a (keys,
+    values) pair of [p, heads, head_dim].
+    """
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.cfg
+        p, heads, head_dim = cfg.prefix_length, cfg.num_heads, cfg.head_dim
+        embedding = self.param("embedding", initializers.embedding(cfg.init_std, (None, "embed")),
+                               (p, cfg.hidden), cfg.param_dtype)
+        h = jnp.tanh(dense(cfg, cfg.prefix_mlp_dim, ("embed", "mlp"), "hidden")(embedding))
+        out = dense(cfg, cfg.num_layers * 2 * heads * head_dim, ("mlp", None), "output")(h)
+        out = out.reshape(p, cfg.num_layers, 2, heads, head_dim).transpose(1, 2, 0, 3, 4)
+        return [(out[i, 0], out[i, 1]) for i in range(cfg.num_layers)]
 
 
 def insert_after_first(x, inserted, length):
@@ -339,7 +370,7 @@ def resolve(cfg):
         raise ValueError(f"config.model.norm={cfg['norm']!r}; expected 'pre' or 'post'")
     initializers.base(cfg["init"])  # Fails early on an unknown initialiser.
     lora.check(cfg)
-    for key in ("prompt_length", "prefix_length", "adapter_dim"):
+    for key in ("prompt_length", "prefix_length", "prefix_mlp_dim", "adapter_dim"):
         if cfg[key] < 0:
             raise ValueError(f"config.model.{key}={cfg[key]}; expected >= 0 (0 = off)")
     cfg["dtype"] = jnp.dtype(cfg["dtype"])

@@ -3,10 +3,13 @@
 from model.attention import MASK_MODES
 from model.initializers import INITS
 from model.transformer import HEADS
+from train.data.augmentation import check_rates
+from train.data.sampling import SAMPLINGS
 from train.optimizer import SCHEDULES
+from train.regularizers import TOWARD, check_strengths
 
 CHOICES = {
-    "task": ("classify", "mlm"),
+    "task": ("classify", "mlm", "prefix_lm", "rag"),
     "model.attention_mask": MASK_MODES,
     "model.init": INITS,
     "model.norm": ("pre", "post"),
@@ -17,6 +20,9 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "optim.schedule": SCHEDULES,
     "data.source": ("wordnet", "tfds", "local"),
+    "data.sampling": SAMPLINGS,
+    "optim.regularize_toward": TOWARD,
+    "data.tokenizer": ("sentencepiece", "wordpiece"),
     "prng_impl": ("", "threefry2x32", "rbg", "unsafe_rbg"),
 }
 
@@ -39,6 +45,10 @@ def validate(config):
     for task in ("classify", "mlm"):
         if config.task == task and task not in config.model.heads:
             raise ValueError(f"config.task={task!r} needs {task!r} in config.model.heads")
+    if config.task in ("prefix_lm", "rag") and (
+            "lm" not in config.model.heads or config.model.attention_mask != "prefix"):
+        raise ValueError(f"config.task={config.task!r} needs config.model.heads with 'lm' "
+                         f"and config.model.attention_mask='prefix'")
     if config.data.seq_len > config.model.max_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="
@@ -48,6 +58,13 @@ def validate(config):
         raise ValueError(
             f"config.optim.grad_accum_steps={accum} must be >= 1 and divide "
             f"config.data.batch_size={config.data.batch_size}")
+    check_rates(config.data)  # token_dropout / token_substitution in [0, 1).
+    l2, l1, toward = check_strengths(config.optim)
+    if toward == "init" and (l2 or l1) and not config.init_from:
+        raise ValueError(
+            "config.optim.regularize_toward='init' anchors to the pre-trained weights but "
+            "config.init_from is empty (it would anchor to the random init); set "
+            "config.init_from or use regularize_toward='zero'")
     for key in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
         if config.train[key] < 1:
             raise ValueError(f"config.train.{key}={config.train[key]} must be >= 1")

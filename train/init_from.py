@@ -3,7 +3,8 @@
 Parameters whose path and shape match are loaded; the rest (new heads, PEFT modules)
 keep their fresh initialisation; checkpoint parameters with no place in the new model
 (an old head) are dropped. The three lists are logged and returned, so a fine-tuning run
-says exactly what it started from.
+says exactly what it started from. `hf:minilm` / `hf:<dir>` reads a Hugging Face BERT
+checkpoint (safetensors) through model/hf_bert.py; there, shapes must match exactly.
 """
 
 import logging
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from model import hf_bert
 from train.param_rules import path_string
 
 log = logging.getLogger("strata")
@@ -34,7 +36,14 @@ def resolve_checkpoint(path):
 
 
 def load_params(path):
-    """-> (flat {path: np.ndarray} of the checkpoint's params, checkpoint dir)."""
+    """-> (flat {path: np.ndarray} of the checkpoint's params, checkpoint dir).
+
+    `hf:<alias|dir>`: a Hugging Face BERT checkpoint (model/hf_bert.py), converted.
+    """
+    if path.startswith("hf:"):
+        directory = hf_bert.resolve_dir(path)
+        flat, _, _ = hf_bert.load(directory)
+        return flat, directory
     step_dir = resolve_checkpoint(path)
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(os.path.join(step_dir, "state"))
@@ -69,9 +78,36 @@ def merge_params(params, loaded):
     return merged, report
 
 
+def check_hf_model_config(config):
+    """`init_from=hf:...`: config.model must have the checkpoint's architecture; fails at
+    start-up naming each mismatched field with both values and the overrides to use."""
+    init_from = config.get("init_from", "")
+    if not init_from.startswith("hf:"):
+        return
+    fields = hf_bert.model_fields(hf_bert.read_config(hf_bert.resolve_dir(init_from)))
+    if config.model.head_dim in (-1, None):  # Derived as hidden // num_heads: as BERT.
+        del fields["head_dim"]
+    wrong = {k: (config.model[k], v) for k, v in fields.items() if config.model[k] != v}
+    if wrong:
+        details = ", ".join(f"config.model.{k}={have!r} but the checkpoint has {want!r}"
+                            for k, (have, want) in wrong.items())
+        flags = " ".join(f"--config.model.{k}={want}" for k, (_, want) in wrong.items())
+        raise ValueError(f"config.init_from={init_from!r}: {details}. Use "
+                         f"configs/finetune.py:hf=<alias> or set {flags}")
+
+
 def init_params_from(path, params):
     loaded, step_dir = load_params(path)
     merged, report = merge_params(params, loaded)
+    if report["shape_mismatch"]:
+        # A checkpoint must fit exactly: silently re-initialising, say, a vocabulary-sized
+        # embedding table would waste the pre-training without anyone noticing.
+        hint = ("set config.model to the checkpoint's config.json" if path.startswith("hf:")
+                else "make config.model (and config.data.vocab_size) match the run it came "
+                     "from")
+        raise ValueError(
+            f"config.init_from={path!r}: parameter shapes differ (checkpoint -> model): "
+            f"{report['shape_mismatch']}; {hint}")
     if not report["loaded"]:
         raise ValueError(
             f"config.init_from={path!r} ({step_dir}) shares no parameter (path and shape) "
@@ -79,6 +115,4 @@ def init_params_from(path, params):
     log.info("init_from %s: loaded %d, initialised fresh %d %s, dropped %d %s", step_dir,
              len(report["loaded"]), len(report["initialised"]), report["initialised"][:8],
              len(report["dropped"]), report["dropped"][:8])
-    if report["shape_mismatch"]:
-        log.warning("init_from: shapes differ, initialised fresh: %s", report["shape_mismatch"])
     return merged, {"checkpoint": step_dir, **report}

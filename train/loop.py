@@ -16,14 +16,16 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from train import checkpoints as ckpt
-from train import flops, model_setup, objectives, partitioning
-from train.data import masking, pipeline, sources, tokenizer
+from train import flops, memory, model_setup, objectives, partitioning
+from train.data import augmentation, masking, pipeline, prefix_lm, sources, tokenizer
+from train.forgetting import measure_forgetting
 from train.init_from import init_params_from
 from train.learning_curves import write_learning_curves
 from train.metrics_log import MetricsLog
 from train.optimizer import optimizer_state_bytes
 from train.run_record import write_run_record
 from train.steps import make_eval_step, make_train_step
+from train.unfreezing import unfreeze_steps
 
 log = logging.getLogger("strata")
 
@@ -43,6 +45,15 @@ def dry_run(config, workdir):
     with open(os.path.join(workdir, "params.json"), "w") as f:
         json.dump(counts, f, indent=2)
     return counts
+
+
+def training_data_report(data_cfg, train_source):
+    """What the run trained on, for results.json: the labelled examples actually used."""
+    return {"label_fraction": float(data_cfg.label_fraction),
+            "train_examples": len(train_source),
+            "sampling": data_cfg.sampling,
+            "token_dropout": float(data_cfg.token_dropout),
+            "token_substitution": float(data_cfg.token_substitution)}
 
 
 def train_and_evaluate(config, workdir):
@@ -72,21 +83,33 @@ def train_and_evaluate(config, workdir):
             sources.load_split(data_cfg, data_cfg.train_split)
             tokenizer.get_tokenizer(data_cfg)
         multihost_utils.sync_global_devices("strata: data prepared")
-    train_source = sources.load_split(data_cfg, data_cfg.train_split)
+    # prefix_lm: (question + passages, answer) examples a runner wrote to data.qa_dir.
+    generative = config.task == "prefix_lm"
+    load_split = prefix_lm.load_split if generative else sources.load_split
+    train_source = load_split(data_cfg, data_cfg.train_split)
     tok = tokenizer.get_tokenizer(data_cfg)
     if tok.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"The tokenizer has {tok.vocab_size} pieces but config.model.vocab_size="
             f"{config.model.vocab_size}; set it to at least the tokenizer's size")
     mlm = config.task == "mlm"  # Self-supervised: labels unused, tokens masked BERT-style.
-    train_iter = pipeline.make_train_iterator(
-        train_source, tok, data_cfg, seed=config.seed, with_labels=False if mlm else None,
-        transform=masking.train_transform(tok, data_cfg, seed=config.seed) if mlm else None)
+    if generative:
+        train_iter = prefix_lm.make_train_iterator(train_source, tok, data_cfg,
+                                                   seed=config.seed)
+    else:
+        train_iter = pipeline.make_train_iterator(
+            train_source, tok, data_cfg, seed=config.seed,
+            with_labels=False if mlm else None,
+            transform=pipeline.chain_transforms(  # Augment the text first, then mask it.
+                augmentation.train_transform(tok, data_cfg, seed=config.seed),
+                masking.train_transform(tok, data_cfg, seed=config.seed) if mlm else None))
 
-    eval_sources = {split: sources.load_split(data_cfg, split)  # Opened once, read per eval.
+    eval_sources = {split: load_split(data_cfg, split)  # Opened once, read per eval.
                     for split in (data_cfg.eval_split, data_cfg.test_split)}
 
     def eval_batches(split):
+        if generative:
+            return prefix_lm.make_eval_iterator(eval_sources[split], tok, data_cfg)
         return pipeline.make_eval_iterator(
             eval_sources[split], tok, data_cfg, with_labels=False if mlm else None,
             transform=masking.eval_transform(tok, data_cfg) if mlm else None)
@@ -109,6 +132,9 @@ def train_and_evaluate(config, workdir):
     counts["optimizer_state_bytes"] = optimizer_state_bytes(abstract.opt_state)
     log.info("Parameters: %s total, %s trainable", f"{counts['total']:,}",
              f"{counts['trainable']:,}")
+    if config.optim.gradual_unfreeze_every:
+        log.info("Gradual unfreezing, first step each module trains: %s", unfreeze_steps(
+            abstract.params, config.optim.gradual_unfreeze_every))
     checkpoints = ckpt.Checkpoints(workdir, config.train)
     start_step = checkpoints.latest_step()
     if start_step is not None:
@@ -122,8 +148,10 @@ def train_and_evaluate(config, workdir):
                                              shardings)
         if config.init_from:
             params, init_report = init_params_from(config.init_from, state.params)
-            # Optimizer state starts fresh: it only depends on params through tx.init.
-            state = state.replace(params=params)
+            # Optimizer state starts fresh on the loaded params: the regulariser's anchor
+            # (optim.regularize_toward="init") is what the run starts from, not the init.
+            opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+            state = state.replace(params=params, opt_state=opt_state)
             if jax.process_index() == 0:
                 with open(os.path.join(workdir, "init_from.json"), "w") as f:
                     json.dump(init_report, f, indent=2)
@@ -154,6 +182,7 @@ def train_and_evaluate(config, workdir):
 
     # --- Train ----------------------------------------------------------------------
     vocab_fraction = masking.max_predictions(data_cfg) / data_cfg.seq_len if mlm else 0.0
+    vocab_fraction = 1.0 if generative else vocab_fraction  # The LM head runs everywhere.
     flops_per_token = flops.train_flops_per_token(model.cfg, data_cfg.seq_len, vocab_fraction)
     peak = flops.measured_peak_flops() * jax.device_count()
     metrics_log = MetricsLog(workdir, num_steps, start_step, config.train.progress)
@@ -162,6 +191,7 @@ def train_and_evaluate(config, workdir):
     previous_handler = signal.signal(
         signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
     running, running_steps, tokens, real_tokens = None, 0, 0, 0
+    compiled_train_step = None
     interval_start = train_start = time.perf_counter()
     step = start_step
     try:
@@ -170,7 +200,10 @@ def train_and_evaluate(config, workdir):
             tokens += local["tokens"].size * jax.process_count()
             real_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                state, metrics = train_step(state, pipeline.to_global_batch(local, mesh))
+                batch = pipeline.to_global_batch(local, mesh)
+                if compiled_train_step is None:  # Compiled ahead once: XLA's memory figure.
+                    compiled_train_step = train_step.lower(state, batch).compile()
+                state, metrics = compiled_train_step(state, batch)
             step += 1
             running = metrics if running is None else jax.tree_util.tree_map(
                 lambda a, b: a + b, running, metrics)
@@ -222,9 +255,15 @@ def train_and_evaluate(config, workdir):
 
     # --- Final evaluation -------------------------------------------------------------
     results = {"step": step, "train_time_s": time.perf_counter() - train_start,
-               "parameters": counts}
+               "parameters": counts, "data": training_data_report(data_cfg, train_source)}
+    if compiled_train_step is not None:
+        results["peak_memory"] = memory.peak_memory(compiled_train_step)
     for split in (data_cfg.eval_split, data_cfg.test_split):
-        results[split] = evaluate(state.params, split, -1)
+        results[split] = evaluate(state.params, split, config.train.final_eval_steps)
+    if config.train.report_forgetting and not mlm and not generative:
+        forgetting = measure_forgetting(config, state.params, tok, mesh, rules)
+        if forgetting is not None:
+            results["forgetting"] = forgetting
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

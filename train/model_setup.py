@@ -11,12 +11,15 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model.transformer import Model, resolve
+from train.init_from import check_hf_model_config
 from train.optimizer import make_optimizer
-from train.param_rules import trainable_count, trainable_mask
+from train.param_rules import map_paths, trainable_count, trainable_mask
 from train.steps import TrainState
+from train.unfreezing import gradual_unfreezing
 
 
 def build_model(config):
+    check_hf_model_config(config)  # A pre-trained checkpoint fixes the architecture.
     if config.data.seq_len > config.model.max_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="
@@ -29,7 +32,7 @@ def make_init_fn(model, tx, seq_len):
     def init_fn(key):
         tokens = jnp.zeros((1, seq_len), jnp.int32)
         params = model.init({"params": key}, tokens, deterministic=True,
-                            heads=model.cfg.heads)["params"]
+                            heads=model.cfg.heads, **init_inputs(model, tokens))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params))
     return init_fn
@@ -50,14 +53,22 @@ def abstract_params(model, seq_len):
     """Unboxed params as ShapeDtypeStructs: what param rules and optimizers are built on."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return jax.eval_shape(lambda key: nn.unbox(model.init(
-        {"params": key}, tokens, deterministic=True, heads=model.cfg.heads)["params"]),
-        jax.random.key(0))
+        {"params": key}, tokens, deterministic=True, heads=model.cfg.heads,
+        **init_inputs(model, tokens))["params"]), jax.random.key(0))
+
+
+def init_inputs(model, tokens):
+    """Extra inputs `model.init` needs: a prefix-LM mask wants a `prefix_mask`."""
+    if model.cfg.attention_mask == "prefix":
+        return {"prefix_mask": jnp.ones(tokens.shape, bool)}
+    return {}
 
 
 def build_optimizer(config, model):
     """-> (tx, schedule, trainable mask or None when everything trains)."""
     params = abstract_params(model, config.data.seq_len)
     tx, schedule = make_optimizer(config.optim, config.train.num_steps, params)
+    tx = gradual_unfreezing(tx, config.optim.gradual_unfreeze_every, params)
     mask = trainable_mask(params, config.optim.param_rules)
     everything = all(jax.tree_util.tree_leaves(mask))
     return tx, schedule, None if everything else mask
@@ -76,6 +87,9 @@ def init_train_state(model, tx, seq_len, seed, shardings):
         jax.random.key(seed))
 
 
+HEAD_MODULES = ("classify_head", "mlm_head")
+
+
 def parameter_counts(params, trainable=None):
     """{"total", "trainable", "by_module"} over a (possibly abstract) params tree.
 
@@ -90,8 +104,15 @@ def parameter_counts(params, trainable=None):
         module = "/".join(names[:2]) if names[0] == "encoder" else names[0]
         by_module[module] = by_module.get(module, 0) + size
         total += size
+    head = sum(n for m, n in by_module.items() if m in HEAD_MODULES)
     if trainable is None:
-        trainable = total
-    elif not isinstance(trainable, (int, np.integer)):
+        trainable, without_head = total, total - head
+    elif isinstance(trainable, (int, np.integer)):
+        without_head = None
+    else:
+        without_head = trainable_count(params, map_paths(
+            lambda p: p.split("/")[0] not in HEAD_MODULES, params), and_mask=trainable)
         trainable = trainable_count(params, trainable)
-    return {"total": total, "trainable": int(trainable), "by_module": by_module}
+    # The PEFT papers' formulas count the method's parameters without the task head.
+    return {"total": total, "trainable": int(trainable),
+            "trainable_without_head": without_head, "by_module": by_module}

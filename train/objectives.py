@@ -82,6 +82,38 @@ class MaskedLM:
                 "accuracy": float(sums["correct"] / max(sums["examples"], 1e-9))}
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefixLM:
+    """Prefix-LM loss (T5 / UniLM): next-token cross-entropy only where `target_weights`
+    is 1 (the answer after a bidirectional prompt; train/data/prefix_lm.py).
+
+    The batch carries `targets` [batch, seq] (the next token) and `target_weights`
+    [batch, seq]; the model reads `prefix_mask` [batch, seq] from it.
+    """
+
+    heads: tuple = ("lm",)
+
+    def loss(self, outputs, batch):
+        logits = outputs["lm"].astype(jnp.float32)
+        targets = batch["targets"]
+        weights = batch["target_weights"].astype(jnp.float32)
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        correct = (jnp.argmax(logits, -1) == targets) * weights
+        # An answer is right when every one of its tokens (and its [SEP]) is.
+        wrong_tokens = jnp.sum(weights - correct, axis=-1)
+        has_answer = (jnp.sum(weights, axis=-1) > 0).astype(jnp.float32)
+        sums = {"correct": jnp.sum(correct), "examples": jnp.sum(weights),
+                "answers_exact": jnp.sum((wrong_tokens == 0) * has_answer),
+                "answers": jnp.sum(has_answer)}
+        return jnp.sum(per_token * weights), jnp.sum(weights), sums
+
+    def finalize(self, sums):
+        """accuracy: per answer token (teacher-forced); exact_match: whole answers."""
+        return {"loss": float(sums["loss_sum"] / max(sums["weight"], 1e-9)),
+                "accuracy": float(sums["correct"] / max(sums["examples"], 1e-9)),
+                "exact_match": float(sums["answers_exact"] / max(sums["answers"], 1e-9))}
+
+
 def macro_f1(confusion):
     """Mean F1 over classes that occur in the labels or the predictions (sklearn's
     `f1_score(average="macro")` over the present labels)."""
@@ -109,4 +141,7 @@ def make_objective(config, class_weights=None):
             label_smoothing=config.train.label_smoothing)
     if config.task == "mlm":
         return MaskedLM()
-    raise ValueError(f"config.task={config.task!r}; expected one of ('classify', 'mlm')")
+    if config.task == "prefix_lm":
+        return PrefixLM()
+    raise ValueError(f"config.task={config.task!r}; expected one of ('classify', 'mlm', "
+                     f"'prefix_lm')")

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import optax
 
-from train import param_rules
+from train import param_rules, regularizers
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -29,14 +29,18 @@ def learning_rate_schedule(optim_cfg, num_steps):
     return optax.join_schedules([warmup_fn, decay], [warmup])
 
 
+def decays(path: str, p) -> bool:
+    """Whether weight decay (and toward-zero regularisation) applies to the leaf at `path`."""
+    name = path.rsplit("/", 1)[-1]
+    return p.ndim > 1 and name != "bias" and not name.startswith("ia3_")
+
+
 def weight_decay_mask(params):
     """Decay weights only, as BERT does: never biases (some are [heads, head_dim]), norm
     scales/offsets, or (IA)^3 scales (initialised to one: decay would pull them towards
     zeroing their keys/values)."""
-    def decays(path, p):
-        name = param_rules.path_string(path).rsplit("/", 1)[-1]
-        return p.ndim > 1 and name != "bias" and not name.startswith("ia3_")
-    return jax.tree_util.tree_map_with_path(decays, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: decays(param_rules.path_string(path), p), params)
 
 
 def scale_by_multipliers(multiplier_of_path):
@@ -60,12 +64,19 @@ def make_optimizer(optim_cfg, num_steps, params=None):
     frozen ones get `set_to_zero` (no optimizer state: their Adam mu/nu are
     `optax.MaskedNode`s) and clipping sees only trainable gradients. A trainable leaf's
     AdamW update (lr * (adam + weight_decay * p)) is then multiplied by its multiplier, so
-    the decoupled weight decay scales with its learning rate too.
+    the decoupled weight decay scales with its learning rate too. `optim.l2_strength` /
+    `l1_strength` add train.regularizers' gradient first (in the trainable branch: frozen
+    parameters get no anchor either).
     """
     if optim_cfg.name != "adamw":
         raise ValueError(f"config.optim.name={optim_cfg.name!r}; only 'adamw' is implemented")
     schedule = learning_rate_schedule(optim_cfg, num_steps)
     parts = []
+    l2, l1, toward = regularizers.check_strengths(optim_cfg)
+    if l2 or l1:  # First: its gradient is clipped and Adam-scaled as the loss's would be.
+        parts.append(regularizers.add_regularization_gradient(
+            l2, l1, toward, decayed=decays,
+            fresh_pattern=optim_cfg.get("regularize_fresh", regularizers.FRESH_PATTERN)))
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
     parts.append(optax.adamw(

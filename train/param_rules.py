@@ -145,11 +145,13 @@ def trainable_mask(params, rules=(), *, check=True):
     return map_paths(lambda path: rule_multiplier(path, rules) > 0.0, params)
 
 
-def trainable_count(params, mask):
-    """Number of scalars in the leaves `mask` marks trainable."""
+def trainable_count(params, mask, and_mask=None):
+    """Number of scalars in the leaves `mask` (and `and_mask`, if given) mark trainable."""
     leaves, flags = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(mask)
     if len(leaves) != len(flags):
         raise ValueError(f"mask has {len(flags)} leaves but params {len(leaves)}")
+    if and_mask is not None:
+        flags = [a and b for a, b in zip(flags, jax.tree_util.tree_leaves(and_mask))]
     return int(sum(int(np.prod(p.shape)) for p, m in zip(leaves, flags) if m))
 
 

@@ -15,6 +15,7 @@ from flax import linen as nn
 from configs import finetune
 from configs.common import model_config
 from model.lora import merge_lora
+from model.prefix import fold_prefix_mlp
 from model.transformer import Model, resolve
 from train import param_rules
 from train.optimizer import weight_decay_mask
@@ -131,7 +132,10 @@ def test_only_the_new_params_and_head_train(method):
     mask = flat(param_rules.trainable_mask(params, rules))
     new = {p for p in mask if re.fullmatch(finetune.PEFT_PARAMS[method], p)}
     head = {p for p in mask if p.startswith("classify_head/")}
-    assert new and {p for p, trains in mask.items() if trains} == new | head
+    # Houlsby et al. train every LayerNorm alongside the adapters.
+    norms = {p for p in mask if re.fullmatch(finetune.NORMS, p)} if method == "adapters" \
+        else set()
+    assert new and {p for p, trains in mask.items() if trains} == new | head | norms
     sizes = flat(params)
     assert sum(sizes[p].size for p in new) == NEW_PARAMS[method]
 
@@ -182,6 +186,9 @@ def test_prompt_reaches_its_sequence_and_heads_keep_their_positions():
 def test_bad_lora_targets_are_refused():
     with pytest.raises(ValueError, match="config.model.lora_targets"):
         resolve(model_cfg(lora_rank=4, lora_targets="queries"))
+    with pytest.raises(ValueError, match=r"lora_rank=65 exceeds the query projection"):
+        resolve(model_cfg(lora_rank=65, lora_targets="query"))  # hidden = 64.
+    resolve(model_cfg(lora_rank=64, lora_targets="query"))  # Full rank is allowed.
 
 
 def test_prefix_is_seen_by_every_query():
@@ -198,3 +205,24 @@ def test_ia3_scales_are_not_weight_decayed():
     decays = flat(weight_decay_mask(init(model_cfg(ia3=True))))
     assert not decays["encoder/block_0/attention/ia3_key"]  # [heads, head_dim], yet a scale.
     assert decays["encoder/block_0/attention/query/kernel"]
+
+
+def test_prefix_mlp_folds_into_plain_prefixes():
+    """Li & Liang's reparameterisation: the MLP makes every layer's prefixes; folded, a
+    model without the MLP gives the same outputs with the plain prefix count."""
+    cfg = model_cfg(prefix_length=3, prefix_mlp_dim=16)
+    params = replace_leaves(init(cfg), r"encoder/prefix_mlp/.*", random_like)
+    assert "prefix_key" not in params["encoder"]["block_0"]["attention"]
+    folded, folded_cfg = fold_prefix_mlp(params, resolve(cfg))
+    assert folded_cfg.prefix_mlp_dim == 0 and "prefix_mlp" not in folded["encoder"]
+    assert sum(x.size for x in jax.tree_util.tree_leaves(without(
+        folded, r"(?!.*prefix_(key|value)).*"))) == NEW_PARAMS["prefix_tuning"]
+    plain = model_cfg(prefix_length=3)
+    assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(init(plain))
+    want, got = forward(cfg, params), forward(plain, folded)
+    for name in ("hidden", "classify"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    # The MLP's output layer reaches every layer's prefixes (it is not a no-op).
+    moved = forward(cfg, replace_leaves(params, r"encoder/prefix_mlp/output/kernel",
+                                        lambda p, x: 2 * x))
+    assert not np.allclose(moved["hidden"], want["hidden"], atol=1e-4)

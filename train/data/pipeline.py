@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
+from train.data import sampling as sampling_lib
 from train.data.tokenizer import Tokenizer
 
 # Elements here are whole batches (or chunks), so a short buffer suffices; grain scans the
@@ -130,9 +131,37 @@ def _rename_packed(row):
     }
 
 
+def chain_transforms(*transforms) -> Callable[[grain.IterDataset], grain.IterDataset] | None:
+    """One `transform=` applying `transforms` in order (Nones skipped); None if all are."""
+    chosen = [t for t in transforms if t is not None]
+    if not chosen:
+        return None
+
+    def chained(ds: grain.IterDataset) -> grain.IterDataset:
+        for t in chosen:
+            ds = t(ds)
+        return ds
+    return chained
+
+
 def _train_seed(seed: int, data_cfg) -> int:
     # Both the run seed and data.shuffle_buffer_seed change the order; uint32 for grain.
     return int(np.random.SeedSequence([seed, data_cfg.shuffle_buffer_seed]).generate_state(1)[0])
+
+
+def _example_stream(source, data_cfg, seed: int, labelled: bool) -> grain.MapDataset:
+    """The infinite stream of training examples `config.data.sampling` asks for."""
+    sampling = data_cfg.get("sampling", "uniform")
+    if sampling == "uniform":
+        return grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    if sampling != "class_balanced":
+        raise ValueError(f"config.data.sampling={sampling!r}; expected one of "
+                         f"{sampling_lib.SAMPLINGS}")
+    if not labelled:
+        raise ValueError("config.data.sampling='class_balanced' needs a labelled training "
+                         "split (config.data.label_key)")
+    labels = sampling_lib.source_labels(source)
+    return grain.MapDataset.source(sampling_lib.ClassBalancedStream(source, labels, seed))
 
 
 def make_train_iterator(
@@ -146,7 +175,9 @@ def make_train_iterator(
     with_labels: bool | None = None,
     transform: Callable[[grain.IterDataset], grain.IterDataset] | None = None,
 ) -> grain.DatasetIterator:
-    """Infinite, shuffled (differently each epoch), deterministic in `seed`.
+    """Infinite, shuffled (differently each epoch), deterministic in `seed`; with
+    `data_cfg.sampling="class_balanced"`, i.i.d. class-balanced draws instead
+    (train/data/sampling.py).
 
     Every process reads a disjoint 1/process_count slice of the shuffled stream.
     `with_labels`: None -> labels iff the source is labelled and packing is off;
@@ -170,7 +201,7 @@ def make_train_iterator(
     elif with_labels and not labelled:
         raise ValueError("with_labels=True but the source has no labels")
 
-    ds = grain.MapDataset.source(source).shuffle(seed=_train_seed(seed, data_cfg)).repeat()
+    ds = _example_stream(source, data_cfg, _train_seed(seed, data_cfg), labelled)
     ds = ds[p::n]  # Shard after shuffle+repeat: disjoint across processes in every epoch.
     if not data_cfg.packing:
         ds = ds.batch(batch, drop_remainder=True, batch_fn=list)

@@ -1,6 +1,7 @@
-"""Sentencepiece (unigram) tokenizer, trained once on the training split and cached.
+"""Sentencepiece (unigram) tokenizer, trained once on the training split and cached;
+or a pre-trained checkpoint's WordPiece vocabulary (`WordPieceTokenizer`).
 
-Fixed special ids, shared by every model in strata:
+Sentencepiece's fixed special ids, shared by every model strata trains from scratch:
   0 [PAD]  1 [UNK]  2 [CLS] (= bos)  3 [SEP] (= eos)  4 [MASK]
 [PAD]/[CLS]/[SEP]/[MASK] are control symbols: text never encodes to them and decode drops them.
 """
@@ -8,6 +9,7 @@ Fixed special ids, shared by every model in strata:
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -107,6 +109,102 @@ class Tokenizer:
         self._load()
 
 
+class WordPieceTokenizer:
+    """A BERT WordPiece vocabulary (`vocab.txt`, one piece per line, id = line number),
+    tokenising exactly as HF's BertTokenizer: clean text, split CJK characters, lowercase
+    and strip accents (uncased checkpoints), split on whitespace and punctuation, then
+    greedy longest-match WordPiece with "##" continuations.
+
+    Same interface as `Tokenizer`; the special ids are the vocabulary's own (BERT uncased:
+    [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103). `lowercase` defaults to the
+    `do_lower_case` of a `tokenizer_config.json` beside the vocab, else True.
+    """
+
+    def __init__(self, path: str | os.PathLike, lowercase: bool | None = None):
+        self.path = str(path)
+        self.lowercase = lowercase
+        self._load()
+
+    def _load(self):
+        from tokenizers import Tokenizer as HfTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(
+                f"WordPiece vocabulary {self.path!r} not found; expected a BERT vocab.txt "
+                "(config.data.tokenizer_path: the file, its directory, or hf:minilm)")
+        with open(self.path, encoding="utf-8") as f:
+            pieces = [line.rstrip("\n") for line in f]
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        missing = [p for p in SPECIAL_PIECES if p not in vocab]
+        if missing:
+            raise TokenizerError(f"WordPiece vocabulary {self.path!r} lacks {missing}")
+        if self.lowercase is None:
+            self.lowercase = _do_lower_case(os.path.dirname(self.path))
+        tok = HfTokenizer(models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100))
+        # strip_accents=None follows lowercase, as BertTokenizer's default.
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None,
+            lowercase=self.lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        self._tok, self._pieces = tok, pieces
+        self.pad_id, self.unk_id = vocab[PAD], vocab[UNK]
+        self.cls_id, self.sep_id, self.mask_id = vocab[CLS], vocab[SEP], vocab[MASK]
+        self.bos_id, self.eos_id = self.cls_id, self.sep_id
+        self.special_ids = frozenset(vocab[p] for p in SPECIAL_PIECES)
+        self.vocab_size = len(pieces)
+        # A piece starts a word unless it continues one ("##..."); specials are words.
+        starts = np.array([not p.startswith("##") for p in pieces], bool)
+        starts[list(self.special_ids)] = True
+        self._word_start = starts
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> piece ids (no [CLS]/[SEP]; the pipeline adds them)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        """Ids -> text; the special ids are dropped."""
+        return self._tok.decode([int(i) for i in ids if int(i) not in self.special_ids
+                                 or int(i) == self.unk_id])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._pieces[int(i)]
+
+    def word_start_mask(self, ids) -> np.ndarray:
+        """bool array shaped like `ids`: True where the piece begins a word (not "##")."""
+        return self._word_start[np.asarray(ids, dtype=np.int64)]
+
+    def __getstate__(self):  # Picklable for grain workers: reload from the file there.
+        return {"path": self.path, "lowercase": self.lowercase}
+
+    def __setstate__(self, state):
+        self.path, self.lowercase = state["path"], state["lowercase"]
+        self._load()
+
+
+def _do_lower_case(directory: str) -> bool:
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return bool(json.load(f).get("do_lower_case", True))
+    return True
+
+
+def wordpiece_vocab_path(spec: str) -> str:
+    """`config.data.tokenizer_path` for WordPiece: a vocab.txt, its directory, or
+    `hf:<alias|dir>` (the checkpoint's own vocabulary)."""
+    if spec.startswith("hf:"):
+        from model import hf_bert
+
+        spec = hf_bert.resolve_dir(spec)
+    spec = os.path.expanduser(spec)
+    return os.path.join(spec, "vocab.txt") if os.path.isdir(spec) else spec
+
+
 def _clean(texts: Iterable[str]) -> Iterator[str]:
     for t in texts:
         t = " ".join(t[:MAX_TEXT_CHARS].split())  # Newlines would split "sentences".
@@ -178,11 +276,23 @@ def tokenizer_path(data_cfg) -> Path:
     return Path(sources.data_dir(data_cfg)) / "tokenizers" / name
 
 
-def get_tokenizer(data_cfg) -> Tokenizer:
+def get_tokenizer(data_cfg) -> Tokenizer | WordPieceTokenizer:
     """The cached tokenizer for `data_cfg`, training it on the train split the first time.
 
     An explicit `tokenizer_path` must exist (it is never trained over).
+    `data_cfg.tokenizer="wordpiece"` loads a pre-trained checkpoint's vocabulary instead
+    (`tokenizer_path`: vocab.txt, its directory or `hf:minilm`).
     """
+    kind = data_cfg.get("tokenizer", "sentencepiece")
+    if kind == "wordpiece":
+        if not data_cfg.tokenizer_path:
+            raise TokenizerError(
+                "config.data.tokenizer='wordpiece' needs config.data.tokenizer_path (a BERT "
+                "vocab.txt, its directory, or hf:minilm)")
+        return WordPieceTokenizer(wordpiece_vocab_path(data_cfg.tokenizer_path))
+    if kind != "sentencepiece":
+        raise TokenizerError(
+            f"config.data.tokenizer={kind!r}; expected 'sentencepiece' or 'wordpiece'")
     path = tokenizer_path(data_cfg)
     if data_cfg.tokenizer_path or path.exists():
         return Tokenizer(path)
