@@ -74,3 +74,22 @@ class DocTable:
             grown = np.empty((max(count, 2 * self._data.shape[0]), self.dim), np.float32)
             grown[: len(self.ids)] = self.vectors
             self._data = grown
+
+
+class TableBacked:
+    """What every index reads from its `self.table` (a DocTable): dim, ids, vectors, size."""
+
+    @property
+    def dim(self) -> int:
+        return self.table.dim
+
+    @property
+    def ids(self) -> list[str]:
+        return self.table.ids
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self.table.vectors
+
+    def __len__(self):
+        return len(self.table)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retrieval import vectors as vec
-from retrieval.doc_table import DocTable
+from retrieval.doc_table import DocTable, TableBacked
 from retrieval.index_config import IndexConfig
 
 _QUERY_CHUNK = 1024  # Largest query batch per compiled call.
@@ -44,7 +44,7 @@ def _top_k_blocks(queries, blocks, valid, k):
     return scores, rows
 
 
-class ExactIndex:
+class ExactIndex(TableBacked):
     """Exact top-k by dot product over L2-normalised vectors [n, dim] with string ids."""
 
     kind = "exact"
@@ -57,21 +57,6 @@ class ExactIndex:
     @classmethod
     def build(cls, vectors, ids, config: IndexConfig | None = None):
         return cls(vectors, ids, config)
-
-    @property
-    def dim(self) -> int:
-        return self.table.dim
-
-    @property
-    def ids(self) -> list[str]:
-        return self.table.ids
-
-    @property
-    def vectors(self) -> np.ndarray:
-        return self.table.vectors
-
-    def __len__(self):
-        return len(self.table)
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries [q, dim] -> (scores float32 [q, k], doc ids str [q, k]), best first."""

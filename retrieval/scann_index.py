@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from retrieval import vectors as vec
-from retrieval.doc_table import DocTable
+from retrieval.doc_table import DocTable, TableBacked
 from retrieval.exact import ExactIndex
 from retrieval.index_config import IndexConfig, plan_scann
 
@@ -37,7 +37,7 @@ def _threads(count: int) -> int:
     return count if count > 0 else (os.cpu_count() or 1)
 
 
-class ScannIndex:
+class ScannIndex(TableBacked):
     """Approximate top-k by dot product over L2-normalised vectors [n, dim] with str ids."""
 
     kind = "scann"
@@ -64,21 +64,6 @@ class ScannIndex:
         index = cls(builder.build().searcher, table, config, plan)
         index.build_recall = index.measure_recall(queries)
         return index
-
-    @property
-    def dim(self) -> int:
-        return self.table.dim
-
-    @property
-    def ids(self) -> list[str]:
-        return self.table.ids
-
-    @property
-    def vectors(self) -> np.ndarray:
-        return self.table.vectors
-
-    def __len__(self):
-        return len(self.table)
 
     def search(self, queries, k: int, leaves_to_search: int = -1):
         """queries [q, dim] -> (scores float32 [q, k], doc ids str [q, k]), best first.
