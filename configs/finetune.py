@@ -6,16 +6,19 @@ r"""Stage 3 — fine-tuning on WordNet supersense classification, with parameter
 
 Arguments: `method=` one of METHODS, `size=...` (must match the pre-trained model),
 `freeze_blocks=k` (method=freeze: the bottom k blocks, plus the embeddings unless
-`freeze_embeddings=False`), `norm_offsets` (method=bitfit: also train LayerNorm offsets),
-`lora_rank=r`, `lora_alpha=a`, `lora_targets=query|value` (method=lora), `prompt_length=p`
-(method=prompt_tuning), `prefix_length=p` and `prefix_mlp_dim=d` (method=prefix_tuning;
-d > 0: prefixes from Li & Liang's MLP, folded into plain prefixes after training by
-model/prefix.py), `adapter_dim=m` and `adapter_norms` (method=adapters; default on, as
-Houlsby et al.: LayerNorms train too), `runlocal`, `hf=minilm` (start from a
-pre-trained Hugging Face BERT: its architecture from common.PRETRAINED, its WordPiece
-vocabulary, init_from=hf:minilm and mean pooling, as it was trained; `hf=<dir>` sets
-init_from and the vocabulary only, and the start-up check names the `--config.model.*`
-overrides its config.json needs).
+`freeze_embeddings=False`), `norm_offsets` (method=bitfit: also train LayerNorm
+offsets), `lora_rank=r`, `lora_alpha=a`, `lora_targets=query|value` (method=lora),
+`prompt_length=p` (method=prompt_tuning), `prefix_length=p` and `prefix_mlp_dim=d`
+(method=prefix_tuning; d > 0: prefixes from Li & Liang's MLP, folded into plain prefixes
+after training by model/prefix.py), `adapter_dim=m` and `adapter_norms`
+(method=adapters; default on, as Houlsby et al.: LayerNorms train too), `layer_decay=d`
+(method=layerwise_lr_decay: full fine-tuning, block i from the top at lr * d^i, ELECTRA
+style), `lr_scale=s` (multiplies the method's default learning rate, METHOD_LR; small
+models take larger steps), `runlocal`, `hf=minilm` (start from a pre-trained Hugging
+Face BERT: its architecture from common.PRETRAINED, its WordPiece vocabulary,
+init_from=hf:minilm and mean pooling, as it was trained; `hf=<dir>` sets init_from and
+the vocabulary only, and the start-up check names the `--config.model.*` overrides its
+config.json needs).
 Each method is a list of `optim.param_rules`: ordered (regex, lr multiplier) pairs over
 parameter paths, 0.0 = frozen (train/param_rules.py).
 The parameter-efficient methods (lora, ia3, prompt_tuning, prefix_tuning, adapters) also
@@ -45,12 +48,14 @@ PEFT_PARAMS = {
     "prefix_tuning": r".*/prefix_(key|value)|encoder/prefix_mlp/.*",
     "adapters": r"encoder/block_\d+/(attention|mlp)_adapter/.*",
 }
-METHODS = ("full", "linear_probe", "freeze", "bitfit", *PEFT_PARAMS)
+METHODS = ("full", "linear_probe", "freeze", "bitfit", *PEFT_PARAMS, "layerwise_lr_decay")
+# Default learning rate by method: few trained parameters take larger steps.
+METHOD_LR = {"full": 2e-4, "freeze": 2e-4, "layerwise_lr_decay": 2e-4}
 
 
 def method_rules(arg, num_layers):
     """The `optim.param_rules` that make each fine-tuning method."""
-    if arg.method == "full":
+    if arg.method in ("full", "layerwise_lr_decay"):  # The latter sets optim.layerwise_lr_decay.
         return ()
     if arg.method == "linear_probe":  # Only the classification head (pooler + classifier).
         return ((r"encoder/.*", 0.0),)
@@ -96,12 +101,13 @@ def get_config(arg=None):
                            freeze_embeddings=True, norm_offsets=False, lora_rank=8,
                            lora_alpha=16.0, lora_targets="query|value", prompt_length=20,
                            prefix_length=20, prefix_mlp_dim=0, adapter_dim=64,
-                           adapter_norms=True, hf="")
+                           adapter_norms=True, layer_decay=0.75, lr_scale=1.0, hf="")
     c = scratch.get_config(f"size={arg.size}" + (",runlocal" if arg.runlocal else ""))
     c.optim.param_rules = method_rules(arg, c.model.num_layers)
     c.model.update(method_model_fields(arg))
-    # Few trained parameters take a larger learning rate than full fine-tuning.
-    c.optim.lr = 2e-4 if arg.method in ("full", "freeze") else 1e-3
+    c.optim.lr = METHOD_LR.get(arg.method, 1e-3) * arg.lr_scale
+    if arg.method == "layerwise_lr_decay":  # Full fine-tuning, lower blocks smaller steps.
+        c.optim.layerwise_lr_decay = arg.layer_decay
     c.optim.warmup_steps = 10 if arg.runlocal else 100
     c.train.num_steps = c.train.num_steps if arg.runlocal else 1000
     if arg.hf:

@@ -11,6 +11,11 @@ Modes: `sequential` (default) trains the trials one after another in this proces
 `collect` only writes the report. `--config.<field>=<value>` (after `--config`) applies
 to every trial, e.g. `--config.data.data_dir=...`.
 
+A config defining `get_ablation(arg)` (train/ablations.py) runs its parts in order, each
+a sweep in `W/<part>/` as above, then writes `W/report.md`:
+
+  python -m launch.sweep --config configs/ablations/stages.py --workdir runs/stages
+
 `W/sweep.json` (the trial list) is written before anything runs. Trials whose
 `W/<trial>/results.json` exists are skipped, so re-running a killed sweep runs only the
 rest (a half-finished trial resumes from its checkpoints). At the end, and after each
@@ -29,7 +34,7 @@ import time
 from absl import app, flags
 from absl import logging as absl_logging
 
-from train import sweep_report, sweeps
+from train import ablations, sweep_report, sweeps
 
 
 def define_flags():
@@ -56,12 +61,13 @@ def load_sweep(config_path):
     return sweeps.parse_sweep(module.get_sweep(arg) if arg else module.get_sweep())
 
 
-def prepare(config_path, workdir, cli_overrides=()):
+def prepare(config_path, workdir, cli_overrides=(), spec=None):
     """-> (spec, trials, {trial name: config}). Every trial's config is built and checked
-    before anything runs, so a bad sweep key fails now, naming it; sweep.json is written."""
+    before anything runs, so a bad sweep key fails now, naming it; sweep.json is written.
+    `spec` (a SweepSpec) replaces the config file's own get_sweep (ablation parts)."""
     from train.config_checks import validate
 
-    spec = load_sweep(config_path)
+    spec = spec or load_sweep(config_path)
     trials = sweeps.enumerate_trials(spec)
     configs = {}
     for trial in trials:
@@ -158,11 +164,11 @@ def run_parallel(config_path, workdir, trials, cli_overrides, max_parallel, on_d
 
 
 def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overrides=(),
-              run_trial=train_in_process):
+              run_trial=train_in_process, spec=None):
     """Runs (or prints) the unfinished trials, then writes the report; returns the names
     of failed trials. `run_trial(trial, config, trial_workdir)` trains one trial in
     sequential mode (tests pass a cheap stand-in)."""
-    spec, trials, configs = prepare(config_path, workdir, cli_overrides)
+    spec, trials, configs = prepare(config_path, workdir, cli_overrides, spec)
     test_split = next(iter(configs.values())).data.test_split
 
     def report(failed=(), plots=False):  # Tables after each trial; plots at the end.
@@ -196,6 +202,46 @@ def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overr
     return failed
 
 
+REPORTS = {"stages": "train.stages_report"}  # get_ablation's `report` -> its writer.
+
+
+def load_ablation(config_path, workdir):
+    """([Part, ...], report name) of a config defining get_ablation(arg), else None."""
+    path, arg = sweeps.split_config_path(config_path)
+    module = sweeps.load_config_module(path)
+    if not hasattr(module, "get_ablation"):
+        return None
+    return ablations.parse_ablation(
+        module.get_ablation(arg) if arg else module.get_ablation(), workdir)
+
+
+def run_ablation(config_path, workdir, mode="sequential", max_parallel=2, cli_overrides=(),
+                 run_trial=train_in_process):
+    """Runs an ablation's parts in order (each a resumable sweep in `workdir/<part>`),
+    then writes its report; returns the failed trials as `part/trial`."""
+    import importlib
+
+    parts, report = load_ablation(config_path, workdir)
+    if report and report not in REPORTS:
+        raise ValueError(f"{config_path}: report={report!r}; known: {sorted(REPORTS)}")
+    start, failed = time.perf_counter(), []
+    for i, part in enumerate(parts):
+        log.info("Part %d/%d %s: %s (%.0f s so far)", i + 1, len(parts), part.name,
+                 part.title, time.perf_counter() - start)
+        part_start = time.perf_counter()
+        part_failed = run_sweep(part.config, ablations.part_dir(workdir, part), mode,
+                                max_parallel, (*part.overrides, *cli_overrides),
+                                run_trial, spec=part.spec)
+        if mode != "print":
+            ablations.record_part_time(workdir, part, time.perf_counter() - part_start,
+                                       part_failed)
+        failed += [f"{part.name}/{name}" for name in part_failed]
+    if report and mode != "print":
+        path = importlib.import_module(REPORTS[report]).write_report(workdir, parts)
+        log.info("Ablation report: %s (%.0f s)", path, time.perf_counter() - start)
+    return failed
+
+
 def main(argv):
     del argv
     # Our own progress at INFO; libraries (orbax, tfds log through absl) at WARNING.
@@ -203,7 +249,8 @@ def main(argv):
     logging.getLogger("strata").setLevel(logging.INFO)
     try:
         f = flags.FLAGS
-        failed = run_sweep(f.config, f.workdir, f.mode, f.max_parallel, _cli_overrides)
+        run = run_ablation if load_ablation(f.config, f.workdir) else run_sweep
+        failed = run(f.config, f.workdir, f.mode, f.max_parallel, _cli_overrides)
     except (KeyError, ValueError, FileNotFoundError) as error:
         sys.exit(f"FATAL: {error.args[0] if error.args else error}")
     if failed:

@@ -1,0 +1,100 @@
+r"""The stages compared side by side on WordNet: one ablation, one report.
+
+  python -m launch.sweep --config configs/ablations/stages.py --workdir runs/stages
+  python -m launch.sweep --config configs/ablations/stages.py:scale=full --workdir W
+
+Parts (each a resumable sweep in `W/<part>/`, run in this order; `W/report.md` at the end,
+written by train/stages_report.py):
+  pretrain   BERT-style MLM pre-training on the training synsets' glosses and examples.
+  scratch    supervised training from random init at 1%, 10% and 100% of the labels,
+  finetune   the same runs (same steps, batch, seeds, model) from the MLM checkpoint:
+             the data-requirement comparison.
+  methods    every other fine-tuning method from the MLM checkpoint at 100% of the labels
+             (full fine-tuning is `finetune`'s 100% run): quality, trainable parameters,
+             wall time, peak memory, forgetting (held-out MLM loss before / after).
+  minilm     fine-tuning the imported all-MiniLM-L6-v2 (LoRA; full too at scale=full).
+  rag        closed-book vs RAG (exact and ScaNN retrieval) vs oracle passages on WordNet
+             knowledge questions, and new facts added to the index without retraining.
+  search     random search over learning rate and steps for LoRA: the best trial picked
+             on validation, reported on test.
+
+Equal budgets: every supervised run takes the same steps, batch and sequence length;
+methods use their own default learning rate (configs/finetune.py METHOD_LR, scaled by
+`lr_scale` for the small model). `scale=demo` (default) fits a 2-core CPU in minutes
+(the tiny model, seed 0); `scale=full` is meant for an accelerator (the mini model,
+longer runs, three seeds, the full RAG config).
+"""
+
+from configs import common
+
+# Every fine-tuning method but `full` (the `finetune` part's 100%-label run is it).
+METHODS = ("linear_probe", "freeze", "bitfit", "layerwise_lr_decay", "lora", "adapters",
+           "ia3", "prompt_tuning", "prefix_tuning")
+LABEL_FRACTIONS = [0.01, 0.1, 1.0]
+SCALES = {
+    # size, MLM steps, supervised steps, batch, seeds, MiniLM, lr_scale, RAG, search.
+    "demo": dict(size="tiny", mlm_steps=1200, steps=200, batch=32, seeds=[0],
+                 minilm_steps=40, minilm_methods=["lora"], lr_scale=15.0, rag="runlocal",
+                 rag_steps=800, search_trials=3),
+    "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=[0, 1, 2],
+                 minilm_steps=1500, minilm_methods=["full", "lora"], lr_scale=3.0, rag="",
+                 rag_steps=4000, search_trials=8),
+}
+
+
+def get_ablation(arg=None):
+    arg = common.parse_arg(arg, scale="demo")
+    if arg.scale not in SCALES:
+        raise ValueError(f"scale={arg.scale!r}; expected one of {sorted(SCALES)}")
+    s = SCALES[arg.scale]
+    pretrained = "{workdir}/pretrain/seed=0"
+    evals = {"train.eval_steps": 8, "train.final_eval_steps": -1 if arg.scale == "full"
+             else 40, "train.log_every": 50}
+    supervised = {"data.batch_size": s["batch"], "train.num_steps": s["steps"],
+                  "train.eval_every": s["steps"], "train.checkpoint_every": s["steps"],
+                  "optim.warmup_steps": s["steps"] // 10, **evals}
+    finetune = f"configs/finetune.py:size={s['size']},lr_scale={s['lr_scale']}"
+    seeds = dict(seeds=s["seeds"])
+    return dict(report="stages", parts=[
+        dict(name="pretrain", title="MLM pre-training",
+             config=f"configs/pretrain_mlm.py:size={s['size']}", sweep=dict(seeds=[0]),
+             overrides={"train.num_steps": s["mlm_steps"], "data.seq_len": 64,
+                        "optim.lr": 3e-3 if s["size"] == "tiny" else 1e-3,
+                        "optim.warmup_steps": s["mlm_steps"] // 20,
+                        "train.eval_every": s["mlm_steps"] // 2,
+                        "train.checkpoint_every": s["mlm_steps"] // 2, **evals}),
+        dict(name="scratch", title="Training from scratch",
+             config=f"{finetune},method=full",
+             sweep=dict(grid={"data.label_fraction": LABEL_FRACTIONS}, **seeds),
+             overrides=supervised),
+        dict(name="finetune", title="MLM pre-training, then full fine-tuning",
+             config=f"{finetune},method=full",
+             sweep=dict(grid={"data.label_fraction": LABEL_FRACTIONS}, **seeds),
+             overrides={"init_from": pretrained, **supervised}),
+        dict(name="methods", title="Fine-tuning methods from the MLM checkpoint",
+             config=finetune, sweep=dict(grid={"arg.method": list(METHODS)}, **seeds),
+             overrides={"init_from": pretrained, **supervised}),
+        dict(name="minilm", title="Fine-tuning the imported all-MiniLM-L6-v2",
+             config="configs/finetune.py:hf=minilm",
+             sweep=dict(grid={"arg.method": s["minilm_methods"]}, seeds=[0]),
+             # 22M parameters: a CPU demo evaluates it on 8 batches, not whole splits.
+             overrides={**supervised, "data.batch_size": 16, "data.seq_len": 48,
+                        "train.final_eval_steps": -1 if arg.scale == "full" else 8,
+                        "train.num_steps": s["minilm_steps"],
+                        "train.eval_every": s["minilm_steps"],
+                        "train.checkpoint_every": s["minilm_steps"],
+                        "optim.warmup_steps": s["minilm_steps"] // 10}),
+        dict(name="rag", title="Closed-book vs retrieval-augmented generation",
+             config=f"configs/rag.py:{s['rag']}", sweep=dict(seeds=[0]),
+             overrides={"train.num_steps": s["rag_steps"],
+                        "train.eval_every": s["rag_steps"],
+                        "train.checkpoint_every": s["rag_steps"]}),
+        dict(name="search", title="Random search over learning rate and steps (LoRA)",
+             config=f"{finetune},method=lora",
+             sweep=dict(random={"optim.lr": ("loguniform", 1e-3, 5e-2),
+                                "train.num_steps": ("int", s["steps"] // 2, 2 * s["steps"])},
+                        num_trials=s["search_trials"], seeds=[0],
+                        metric="validation/accuracy", mode="max"),
+             overrides={"init_from": pretrained, **{
+                 k: v for k, v in supervised.items() if k != "train.num_steps"}}),
+    ])

@@ -1,0 +1,144 @@
+"""Ablations: parts declared, checked, run in order and resumed; the stages report's
+figures are the runs' own."""
+
+import json
+import os
+import re
+
+import pytest
+
+from launch import sweep as launch_sweep
+from train import ablations, sweeps
+
+STAGES = "configs/ablations/stages.py"
+
+
+def load_stages(workdir, arg=""):
+    return launch_sweep.load_ablation(f"{STAGES}:{arg}" if arg else STAGES, str(workdir))
+
+
+@pytest.mark.parametrize("scale", ["demo", "full"])
+def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
+    from train.config_checks import validate
+
+    parts, report = load_stages(tmp_path, f"scale={scale}")
+    assert report == "stages"
+    names = [p.name for p in parts]
+    assert names == ["pretrain", "scratch", "finetune", "methods", "minilm", "rag", "search"]
+    pretrain_trial = sweeps.enumerate_trials(parts[0].spec)[0]
+    pretrained = os.path.join(str(tmp_path), "pretrain", pretrain_trial.name)
+    configs = {}
+    for part in parts:
+        for trial in sweeps.enumerate_trials(part.spec):
+            config = sweeps.trial_config(part.config, trial, part.overrides)
+            validate(config)
+            configs[(part.name, trial.name)] = config
+    supervised = {k: c for k, c in configs.items() if k[0] in ("scratch", "finetune",
+                                                               "methods", "search")}
+    # Fine-tuned runs start from the pre-training part's run; scratch from nothing.
+    for (part, _), config in supervised.items():
+        assert config.init_from == ("" if part == "scratch" else pretrained), part
+        # Same model as the pre-trained one (its checkpoint must load).
+        assert config.model.hidden == configs[("pretrain", pretrain_trial.name)].model.hidden
+    # Equal budgets: every supervised run of the comparison has the same steps and batch.
+    compared = [c for k, c in supervised.items() if k[0] != "search"]
+    assert len({(c.train.num_steps, c.data.batch_size, c.data.seq_len) for c in compared}) == 1
+    fractions = sorted(c.data.label_fraction for k, c in configs.items() if k[0] == "scratch")
+    assert fractions == sorted(c.data.label_fraction for k, c in configs.items()
+                               if k[0] == "finetune") and len(set(fractions)) == 3
+    methods = {c.optim.param_rules for k, c in configs.items() if k[0] == "methods"}
+    assert len(methods) >= 8  # Distinct parameter masks (lld and full share none: lld).
+    search_steps = {c.train.num_steps for k, c in configs.items() if k[0] == "search"}
+    assert len(search_steps) == len([k for k in configs if k[0] == "search"])  # Drawn.
+
+
+def test_part_errors_name_the_part(tmp_path):
+    good = dict(name="a", config=STAGES.replace("ablations/stages", "scratch"),
+                sweep=dict(seeds=[0]))
+    with pytest.raises(ValueError, match="name must be a unique"):
+        ablations.parse_ablation(dict(parts=[good, good]), tmp_path)
+    with pytest.raises(ValueError, match=r"part 0 \('a'\): unknown field\(s\) \['sweeep'\]"):
+        ablations.parse_ablation(dict(parts=[{**good, "sweeep": 1}]), tmp_path)
+    with pytest.raises(ValueError, match=r"\['optim.lr'\] are also swept"):
+        ablations.parse_ablation(dict(parts=[{
+            **good, "sweep": dict(grid={"optim.lr": [1e-3, 1e-2]}),
+            "overrides": {"optim.lr": 1e-4}}]), tmp_path)
+    with pytest.raises(ValueError, match="no parts"):
+        ablations.parse_ablation(dict(parts=[]), tmp_path)
+    parts, _ = ablations.parse_ablation(dict(parts=[{
+        **good, "overrides": {"init_from": "{workdir}/a/seed=0", "optim.lr": 0.5}}]),
+        tmp_path / "w")
+    assert parts[0].overrides == (f"init_from={tmp_path / 'w'}/a/seed=0", "optim.lr=0.5")
+
+
+class FakeTrainer:
+    """Writes a results.json whose numbers follow from the trial's config, so the
+    report's figures can be checked against them; records what it ran."""
+
+    def __init__(self, fail=()):
+        self.ran, self.fail = [], set(fail)
+
+    def __call__(self, trial, config, workdir):
+        part = os.path.basename(os.path.dirname(workdir))
+        self.ran.append(f"{part}/{trial.name}")
+        if part in self.fail:
+            raise RuntimeError("boom")
+        os.makedirs(workdir, exist_ok=True)
+        if config.task == "rag":
+            results = {"closed_book": {"exact_match": 0.01, "f1": 0.05},
+                       "rag_index": {"exact_match": 0.2, "f1": 0.4},
+                       "rag_exact": {"exact_match": 0.2, "f1": 0.41},
+                       "oracle": {"exact_match": 0.3, "f1": 0.5},
+                       "retrieval": {"k": 2, "index/recall@1": 0.9},
+                       "knowledge_base": {"passages": 1000},
+                       "new_information": {"passages": 4, "questions": 4,
+                                           "before": {"f1": 0.1}, "after": {"f1": 0.3}}}
+        else:
+            pretrained = 0.1 if config.get("init_from") else 0.0
+            accuracy = 0.3 + 0.2 * config.data.label_fraction + pretrained
+            if config.task == "mlm":
+                accuracy = 0.15
+            trainable = 1000 if config.optim.param_rules else 100_000
+            results = {"step": config.train.num_steps, "train_time_s": 10.0,
+                       "validation": {"accuracy": accuracy + config.optim.lr, "loss": 1.0},
+                       "test": {"accuracy": accuracy, "macro_f1": accuracy / 2},
+                       "parameters": {"total": 100_000, "trainable": trainable},
+                       "data": {"label_fraction": config.data.label_fraction,
+                                "train_examples": int(1000 * config.data.label_fraction)},
+                       "peak_memory": {"compiled_step_bytes": 2 ** 20}}
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f)
+
+
+def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
+    workdir = str(tmp_path / "stages")
+    trainer = FakeTrainer(fail={"rag"})
+    failed = launch_sweep.run_ablation(STAGES, workdir, run_trial=trainer)
+    assert failed == ["rag/seed=0"]
+    parts, _ = load_stages(workdir)
+    expected = [f"{p.name}/{t.name}" for p in parts for t in sweeps.enumerate_trials(p.spec)]
+    assert trainer.ran == expected  # Declaration order, every trial once.
+
+    report = open(os.path.join(workdir, "report.md")).read()
+    # Data requirement: 1% of labels -> 0.302 scratch, 0.402 pre-trained: +10.0 points.
+    assert re.search(r"\| 1% \| 10 \| 30\.2% \| 0\.151 \| 40\.2% \| 0\.201 \| \+10\.0 \|",
+                     report), report
+    assert "| 100% | 1000 | 50.0% |" in report
+    assert "Closed-book vs RAG\n\nNot run." in report  # The failed part, not a crash.
+    assert "1,000 (1.00%)" in report  # Trainable share of a PEFT method.
+    for png in ("data_requirement.png", "methods.png"):
+        assert os.path.getsize(os.path.join(workdir, png)) > 1000
+    record = json.load(open(os.path.join(workdir, "ablation.json")))
+    assert record["parts"]["rag"]["failed"] == ["seed=0"]
+
+    # Resumed: only the failed trial runs again; the report now has RAG's figures.
+    again = FakeTrainer()
+    assert launch_sweep.run_ablation(STAGES, workdir, run_trial=again) == []
+    assert again.ran == ["rag/seed=0"]
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "| RAG, ScaNN index | 20.0% | 40.0% |" in report
+    assert "closed-book F1 5.0% → RAG 40.0%" in report
+    # The search's best trial (highest validation accuracy = highest lr here) is bold.
+    search = [t for p in parts if p.name == "search" for t in sweeps.enumerate_trials(p.spec)]
+    best = max(search, key=lambda t: t.overrides["optim.lr"])
+    assert f"| **{best.name}** |" in report and f"`{best.name}`" in report

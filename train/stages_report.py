@@ -1,0 +1,461 @@
+"""`report.md` of the stages ablation (configs/ablations/stages.py): the seeds'
+comparison of training from scratch, pre-training, fine-tuning and RAG, in measured
+figures, with its plots beside it.
+
+Reads only what the runs wrote (each trial's results.json, metrics.jsonl, run.json and
+the parts' wall times in ablation.json), so `--mode=collect` can redraw it any time. A
+missing part or trial shows as "not run" instead of failing the report.
+"""
+
+import datetime
+import json
+import os
+
+import numpy as np
+
+from train import ablations, sweep_report
+
+_MB = 2 ** 20
+
+
+def write_report(workdir, parts):
+    """Writes `<workdir>/report.md` and its PNGs; returns the report's path."""
+    runs = {part.name: _part_runs(workdir, part) for part in parts}
+    record = ablations.read_record(workdir)
+    sections = [
+        _header(workdir, runs, record),
+        _data_requirement(workdir, runs),
+        _methods(workdir, runs),
+        _compute(runs, record),
+        _rag(runs),
+        _search(runs),
+    ]
+    sections.insert(1, _summary(runs, record))
+    path = os.path.join(workdir, "report.md")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n\n".join(s for s in sections if s) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# --- Reading the runs ----------------------------------------------------------------
+
+
+def _part_runs(workdir, part):
+    """[(trial record from sweep.json, results.json or None, trial dir)] of one part."""
+    sweep_path = os.path.join(ablations.part_dir(workdir, part), "sweep.json")
+    if not os.path.exists(sweep_path):
+        return []
+    with open(sweep_path) as f:
+        trials = json.load(f)["trials"]
+    runs = []
+    for trial in trials:
+        trial_dir = os.path.join(ablations.part_dir(workdir, part), trial["name"])
+        results_path = os.path.join(trial_dir, "results.json")
+        results = None
+        if os.path.exists(results_path):
+            with open(results_path) as f:
+                results = json.load(f)
+        runs.append((trial, results, trial_dir))
+    return runs
+
+
+def _finished(runs, part):
+    return [(t, r, d) for t, r, d in runs.get(part, []) if r is not None]
+
+
+def _value(results, path, default=None):
+    node = results
+    for key in path.split("/"):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def _grouped(runs, part, key):
+    """{override value: [results, ...]} over seeds, in the sweep's order."""
+    groups = {}
+    for trial, results, _ in _finished(runs, part):
+        groups.setdefault(trial["overrides"].get(key), []).append(results)
+    return groups
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return sweep_report.mean_std(values)
+
+
+def _pct(values, digits=1):
+    mean, std = _mean_std(values)
+    if mean is None:
+        return "not run"
+    return f"{100 * mean:.{digits}f}%" + (f" ± {100 * std:.{digits}f}" if std else "")
+
+
+def _num(values, digits=3):
+    mean, std = _mean_std(values)
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- Sections ----------------------------------------------------------------------------
+
+
+def _header(workdir, runs, record):
+    env, code = {}, {}
+    for part_runs in runs.values():
+        for _, _, trial_dir in part_runs:
+            path = os.path.join(trial_dir, "run.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    run = json.load(f)
+                env, code = run.get("environment", {}), run.get("code", {})
+                break
+        if env:
+            break
+    total = sum(p.get("wall_s", 0.0) for p in record["parts"].values())
+    lines = [
+        "# The stages compared: scratch, pre-training, fine-tuning, RAG",
+        "",
+        f"Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} from `{workdir}` "
+        f"(configs/ablations/stages.py). All parts took **{total / 60:.1f} min** on "
+        f"{len(env.get('devices', [])) or '?'} {env.get('device_kind', '?')} device(s), "
+        f"{os.cpu_count()} CPU cores; jax {env.get('jax', '?')}, flax "
+        f"{env.get('flax', '?')}, commit {str(code.get('git_commit', '?'))[:10]}"
+        f"{' (dirty)' if code.get('git_dirty') else ''}.",
+        "",
+        _table(["part", "trials finished", "wall time"], [
+            (f"`{name}`: {record['parts'].get(name, {}).get('title', '')}",
+             f"{len(_finished(runs, name))}/{len(part_runs)}",
+             f"{record['parts'].get(name, {}).get('wall_s', 0.0):.0f} s")
+            for name, part_runs in runs.items()]),
+    ]
+    return "\n".join(lines)
+
+
+def _label_rows(runs):
+    """[(fraction, examples, scratch results, fine-tuned results)]."""
+    scratch = _grouped(runs, "scratch", "data.label_fraction")
+    tuned = _grouped(runs, "finetune", "data.label_fraction")
+    rows = []
+    for fraction in sorted(set(scratch) | set(tuned), key=float):
+        any_run = (scratch.get(fraction) or tuned.get(fraction))[0]
+        rows.append((float(fraction), _value(any_run, "data/train_examples"),
+                     scratch.get(fraction, []), tuned.get(fraction, [])))
+    return rows
+
+
+def _data_requirement(workdir, runs):
+    rows = _label_rows(runs)
+    if not rows:
+        return "## 1. Data requirement\n\nNot run."
+    table = _table(
+        ["labels", "examples", "scratch: test acc", "macro-F1", "pre-trained: test acc",
+         "macro-F1", "gain (acc points)"],
+        [(f"{100 * f:g}%", n or "–", _pct([_value(r, "test/accuracy") for r in s]),
+          _num([_value(r, "test/macro_f1") for r in s]),
+          _pct([_value(r, "test/accuracy") for r in t]),
+          _num([_value(r, "test/macro_f1") for r in t]),
+          _gain(s, t)) for f, n, s, t in rows])
+    plot = _plot_data_requirement(os.path.join(workdir, "data_requirement.png"), rows)
+    return "\n".join([
+        "## 1. Data requirement: from scratch vs pre-train then fine-tune",
+        "",
+        "Same model, steps, batch and seeds; only the initialisation differs (random vs "
+        "the MLM checkpoint of part `pretrain`). Supersense classification, 45 classes.",
+        "",
+        table,
+        "",
+        f"![accuracy vs labels]({os.path.basename(plot)})" if plot else "",
+    ])
+
+
+def _gain(scratch, tuned):
+    a = _mean_std([_value(r, "test/accuracy") for r in scratch])[0]
+    b = _mean_std([_value(r, "test/accuracy") for r in tuned])[0]
+    return "–" if a is None or b is None else f"{100 * (b - a):+.1f}"
+
+
+def _plot_data_requirement(path, rows):
+    plt = sweep_report._pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for index, label in ((2, "from scratch"), (3, "MLM pre-trained, fine-tuned")):
+        points = [(row[0], *_mean_std([_value(r, "test/accuracy") for r in row[index]]))
+                  for row in rows]
+        points = [(f, m, s or 0.0) for f, m, s in points if m is not None]
+        if points:
+            f, m, s = map(np.array, zip(*points))
+            ax.errorbar(100 * f, 100 * m, yerr=100 * s, marker="o", capsize=3, label=label)
+    ax.set(xscale="log", xlabel="labelled training examples used (%)",
+           ylabel="test accuracy (%)", title="Pre-training reduces the labels needed")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _method_rows(runs):
+    """[(label, [results over seeds])]: full fine-tuning, every method, then MiniLM."""
+    rows = []
+    full = _grouped(runs, "finetune", "data.label_fraction")
+    full = next((v for k, v in full.items() if float(k) == 1.0), [])
+    if full:
+        rows.append(("full", full))
+    for method, results in _grouped(runs, "methods", "arg.method").items():
+        rows.append((str(method), results))
+    for method, results in _grouped(runs, "minilm", "arg.method").items():
+        rows.append((f"all-MiniLM-L6-v2, {method}", results))
+    return rows
+
+
+def _methods(workdir, runs):
+    rows = _method_rows(runs)
+    if not rows:
+        return "## 2. Fine-tuning methods\n\nNot run."
+    table_rows = []
+    for label, results in rows:
+        trainable = [_value(r, "parameters/trainable") for r in results]
+        total = [_value(r, "parameters/total") for r in results]
+        share = [t / n for t, n in zip(trainable, total) if t and n]
+        before = [_value(r, "forgetting/before/loss") for r in results]
+        after = [_value(r, "forgetting/after/loss") for r in results]
+        forgetting = ("–" if _mean_std(before)[0] is None else
+                      f"{_num(before)} → {_num(after)}")
+        table_rows.append((
+            label, _pct([_value(r, "test/accuracy") for r in results]),
+            _num([_value(r, "test/macro_f1") for r in results]),
+            f"{int(np.mean(trainable)):,} ({_pct(share, 2)})" if trainable[0] else "–",
+            _num([_value(r, "train_time_s") for r in results], 0) + " s",
+            _num([(_value(r, "peak_memory/compiled_step_bytes") or 0) / _MB
+                  for r in results], 1) + " MB",
+            forgetting))
+    plot = _plot_methods(os.path.join(workdir, "methods.png"), rows)
+    return "\n".join([
+        "## 2. Fine-tuning methods (100% of the labels)",
+        "",
+        "From the same MLM checkpoint, same steps and batch; each method at its default "
+        "learning rate. Trainable parameters include the new classification head. Step "
+        "memory is XLA's compiled train-step footprint per device (parameters, optimizer "
+        "state, activations). Forgetting: held-out MLM loss of the encoder (under the "
+        "pre-trained MLM head) before → after fine-tuning; MiniLM ships no MLM head.",
+        "",
+        _table(["method", "test acc", "macro-F1", "trainable params (% of total)",
+                "train time", "step memory", "MLM loss before → after"], table_rows),
+        "",
+        f"![accuracy vs trainable parameters]({os.path.basename(plot)})" if plot else "",
+    ])
+
+
+def _plot_methods(path, rows):
+    plt = sweep_report._pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, results in rows:
+        trainable = _mean_std([_value(r, "parameters/trainable") for r in results])[0]
+        accuracy = _mean_std([_value(r, "test/accuracy") for r in results])[0]
+        if trainable and accuracy is not None:
+            marker = "s" if "MiniLM" in label else "o"
+            ax.scatter(trainable, 100 * accuracy, marker=marker)
+            ax.annotate(label.replace("all-MiniLM-L6-v2", "MiniLM"),
+                        (trainable, 100 * accuracy), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="test accuracy (%)",
+           title="Fine-tuning methods: quality vs trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _tokens_per_s(trial_dir):
+    records = sweep_report._read_jsonl(os.path.join(trial_dir, "metrics.jsonl"))
+    values = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    return float(np.median(values)) if values else None
+
+
+def _compute(runs, record):
+    pretrain = _finished(runs, "pretrain")
+    supervised = [r for part in ("scratch", "finetune", "methods")
+                  for _, r, _ in _finished(runs, part)]
+    if not pretrain and not supervised:
+        return ""
+    lines = ["## 3. Compute", ""]
+    rows = []
+    if pretrain:
+        trial, results, trial_dir = pretrain[0]
+        speed = _tokens_per_s(trial_dir)
+        rows.append(("MLM pre-training", f"{results.get('step', '–')} steps",
+                     f"{results.get('train_time_s', 0):.0f} s",
+                     f"{speed:,.0f}" if speed else "–",
+                     f"{_value(results, 'validation/loss', float('nan')):.3f} MLM loss, "
+                     f"{100 * _value(results, 'validation/accuracy', float('nan')):.1f}% "
+                     f"masked-token accuracy"))
+    for part, label in (("scratch", "from scratch (each run)"),
+                        ("finetune", "full fine-tuning (each run)"),
+                        ("methods", "other methods (each run)"),
+                        ("minilm", "MiniLM fine-tuning (each run)")):
+        done = _finished(runs, part)
+        if done:
+            times = [r.get("train_time_s", 0) for _, r, _ in done]
+            speeds = [s for s in (_tokens_per_s(d) for _, _, d in done) if s]
+            rows.append((label, f"{done[0][1].get('step', '–')} steps",
+                         f"{np.mean(times):.0f} s (mean of {len(times)})",
+                         f"{np.median(speeds):,.0f}" if speeds else "–", ""))
+    lines.append(_table(["stage", "length", "train time", "tokens/s (median)", "outcome"],
+                        rows))
+    if pretrain and supervised:
+        ratio = pretrain[0][1].get("train_time_s", 0) / max(
+            np.mean([r.get("train_time_s", 0) for r in supervised]), 1e-9)
+        lines += ["", f"Pre-training once costs about {ratio:.1f} fine-tuning runs of "
+                  f"wall time here; every fine-tuning run and method above reuses it."]
+    return "\n".join(lines)
+
+
+def _rag(runs):
+    done = _finished(runs, "rag")
+    if not done:
+        return "## 4. Closed-book vs RAG\n\nNot run."
+    results = done[0][1]
+    modes = (("closed_book", "closed-book (question only)"),
+             ("rag_exact", "RAG, exact search"), ("rag_index", "RAG, ScaNN index"),
+             ("oracle", "oracle (the answer's passage)"))
+    rows = [(label, _pct([_value(results, f"{key}/exact_match")]),
+             _pct([_value(results, f"{key}/f1")]),
+             f"{_value(results, f'{key}/questions_per_s', 0):.0f}")
+            for key, label in modes if key in results]
+    retrieval = results.get("retrieval", {})
+    recall = [(k, f"{100 * v:.1f}%") for k, v in retrieval.items()
+              if "recall" in k]
+    new = results.get("new_information", {})
+    kb = results.get("knowledge_base", {})
+    lines = [
+        "## 4. Closed-book vs retrieval-augmented generation",
+        "",
+        f"WordNet knowledge questions (retrieval/wordnet_qa.py) over a {kb.get('passages')}"
+        f"-passage knowledge base; test questions are about synsets the generator never "
+        f"saw in training. The retriever is all-MiniLM-L6-v2, k="
+        f"{retrieval.get('k')} passages per question; the generator is the shared "
+        f"transformer in prefix-LM mode trained RAFT style.",
+        "",
+        _table(["mode", "exact match", "token F1", "questions/s"], rows),
+        "",
+        _table(["retrieval", "value"], recall),
+    ]
+    if new:
+        lines += [
+            "",
+            f"**New facts without retraining**: {new.get('passages')} test passages were "
+            f"left out of the index, then upserted ({new.get('upsert_s', 0):.1f} s). On "
+            f"their {new.get('questions')} questions:",
+            "",
+            _table(["index", "exact match", "token F1", "gold passage cited"], [
+                (when, _pct([_value(new, f'{when}/exact_match')]),
+                 _pct([_value(new, f'{when}/f1')]),
+                 _pct([_value(new, f'{when}/gold_passage_cited')]))
+                for when in ("before", "after")]),
+        ]
+    return "\n".join(lines)
+
+
+def _search(runs):
+    done = _finished(runs, "search")
+    if not done:
+        return "## 5. Hyperparameter search\n\nNot run."
+    scored = [(t, r) for t, r, _ in done if _value(r, "validation/accuracy") is not None]
+    best = max(scored, key=lambda tr: _value(tr[1], "validation/accuracy"))
+    rows = []
+    for trial, results in scored:
+        mark = "**" if trial is best[0] else ""
+        rows.append((f"{mark}{trial['name']}{mark}",
+                     f"{trial['overrides'].get('optim.lr', '–')}",
+                     f"{trial['overrides'].get('train.num_steps', '–')}",
+                     _pct([_value(results, "validation/accuracy")]),
+                     _pct([_value(results, "test/accuracy")])))
+    return "\n".join([
+        "## 5. Hyperparameter search (LoRA: learning rate and steps)",
+        "",
+        "Random search (log-uniform learning rate, uniform steps), chosen on validation "
+        "accuracy; the test column is for reading only.",
+        "",
+        _table(["trial", "lr", "steps", "validation acc", "test acc"], rows),
+        "",
+        f"Best on validation: `{best[0]['name']}` — validation "
+        f"{_pct([_value(best[1], 'validation/accuracy')])}, **test "
+        f"{_pct([_value(best[1], 'test/accuracy')])}**.",
+    ])
+
+
+def _summary(runs, record):
+    """The seeds' comparison (purpose, data requirement, compute, flexibility), filled
+    in with this run's figures."""
+    rows = _label_rows(runs)
+    low = rows[0] if rows else None
+    high = rows[-1] if rows else None
+    pretrain = _finished(runs, "pretrain")
+    methods = _method_rows(runs)
+    rag = _finished(runs, "rag")
+
+    def acc(results):
+        return _pct([_value(r, "test/accuracy") for r in results])
+
+    data_scratch = (f"{acc(high[2])} test acc with {100 * high[0]:g}% of labels; "
+                    f"{acc(low[2])} with {100 * low[0]:g}%") if rows else "not run"
+    data_tuned = (f"{acc(high[3])} with {100 * high[0]:g}%; {acc(low[3])} with "
+                  f"{100 * low[0]:g}% of labels") if rows else "not run"
+    pre_cost = (f"{pretrain[0][1].get('train_time_s', 0):.0f} s once, no labels"
+                if pretrain else "not run")
+    smallest = None
+    if methods:
+        efficient = [(label, r) for label, r in methods if "MiniLM" not in label]
+        if efficient:
+            label, results = min(efficient, key=lambda lr: _value(
+                lr[1][0], "parameters/trainable") or float("inf"))
+            share = (_value(results[0], "parameters/trainable") or 0) / max(
+                _value(results[0], "parameters/total") or 1, 1)
+            smallest = f"{label}: {100 * share:.2f}% of parameters trained, {acc(results)}"
+    rag_text, rag_flex = "not run", "not run"
+    if rag:
+        r = rag[0][1]
+        rag_text = (f"closed-book F1 {_pct([_value(r, 'closed_book/f1')])} → RAG "
+                    f"{_pct([_value(r, 'rag_index/f1')])} (oracle "
+                    f"{_pct([_value(r, 'oracle/f1')])})")
+        rag_flex = (f"new facts: F1 {_pct([_value(r, 'new_information/before/f1')])} → "
+                    f"{_pct([_value(r, 'new_information/after/f1')])} after an index "
+                    f"upsert, no retraining")
+    return "\n".join([
+        "## Summary: the stages side by side",
+        "",
+        _table(["stage", "purpose", "data requirement (measured)", "compute (measured)",
+                "flexibility (measured)"], [
+            ("training from scratch", "a task model from random weights",
+             data_scratch, _time(runs, "scratch"), "one task; anything new = retrain"),
+            ("MLM pre-training", "a general encoder from unlabeled text",
+             "unlabeled glosses only", pre_cost, "reused by every fine-tuning run"),
+            ("fine-tuning (full / PEFT)", "adapt the pre-trained encoder to a task",
+             data_tuned, _time(runs, "finetune"),
+             smallest or "not run"),
+            ("retrieval-augmented generation", "answer from an updatable knowledge base",
+             "question/answer pairs; the KB is unlabeled text", rag_text, rag_flex),
+        ]),
+    ])
+
+
+def _time(runs, part):
+    done = _finished(runs, part)
+    if not done:
+        return "not run"
+    return f"{np.mean([r.get('train_time_s', 0) for _, r, _ in done]):.0f} s per run"
