@@ -89,7 +89,10 @@ def model_config(size="small", **overrides):
             dtype="float32",  # Compute dtype; bfloat16 on accelerators.
             param_dtype="float32",
             attention_mask="bidirectional",  # "bidirectional" | "causal" | "prefix".
-            attention_impl="xla",  # "xla" (einsum reference) | "dot_product" (jax.nn).
+            # "xla" (einsum reference) | "dot_product" (jax.nn) | "cudnn" (GPU flash) |
+            # "splash" (TPU Pallas) | "auto" (the platform's kernel where it applies, else
+            # xla). cudnn and splash need attention_dropout=0 (model/attention.py).
+            attention_impl="xla",
             remat="none",  # "none" | "full" | "dots_saveable": activation rematerialisation.
             num_classes=45,
             pooling="cls",  # "cls" | "mean" for the sequence classification head.
@@ -121,7 +124,8 @@ def base_config():
     # "" keeps JAX's default (threefry); "unsafe_rbg" makes dropout masks much cheaper.
     c.prng_impl = ""
     # Objective: "classify" (supervised) | "mlm" (issue 3) | "prefix_lm" (answer after a
-    # bidirectional prompt) | "rag" (retrieval/rag_run.py: index, generator, evaluation).
+    # bidirectional prompt) | "rag" (retrieval/rag_run.py: index, generator, evaluation)
+    # | "retriever" (retrieval/retriever_run.py: contrastive (question, passage) training).
     c.task = "classify"
     c.model = model_config()
     c.init_from = ""  # Workdir or checkpoint path to initialise matching params from.
@@ -165,6 +169,7 @@ def base_config():
             mlm_max_predictions=-1,  # Predictions per row; -1: ceil(mlm_rate * seq_len).
             # task="prefix_lm" (train/data/prefix_lm.py): <qa_dir>/<split>.jsonl examples
             # {question, passages, answer}; answers cut to max_answer_tokens pieces.
+            # task="retriever" (train/data/pairs.py): {question, passage, passage_id}.
             qa_dir="",
             max_answer_tokens=16,
         )

@@ -50,7 +50,8 @@ PEFT_PARAMS = {
 }
 METHODS = ("full", "linear_probe", "freeze", "bitfit", *PEFT_PARAMS, "layerwise_lr_decay")
 # Default learning rate by method: few trained parameters take larger steps.
-METHOD_LR = {"full": 2e-4, "freeze": 2e-4, "layerwise_lr_decay": 2e-4}
+# Adapters train every LayerNorm too (Houlsby et al.), which larger steps destabilise.
+METHOD_LR = {"full": 2e-4, "freeze": 2e-4, "layerwise_lr_decay": 2e-4, "adapters": 5e-4}
 
 
 def method_rules(arg, num_layers):

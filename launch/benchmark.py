@@ -19,15 +19,35 @@ the MFU ratio equals the throughput ratio. Peak memory is the device's
 `--compare_torch`, covers both implementations). `cpu_s_per_step` is the process's CPU
 time per step: on a shared, contended machine it is steadier than wall time.
 
+Scale-out (without `--compare_torch`): one measurement per size x mesh shape (and per
+point of the scaling sweep), each a fresh compile, each printed as a JSON line with
+tokens/s, step time, MFU, compile time, `compiled_step_bytes` (XLA's per-device figure
+for the compiled step, `train/memory.py`), the device allocator's peak where the backend
+has one and the parameters' bytes (total and per device); a table follows at the end.
+XLA's CPU backend reports no temporaries, so on CPU `compiled_step_bytes` is arguments +
+outputs - donated buffers (state and batch, no activations) and `host_peak_rss_bytes`
+(the process's peak so far) is the whole-process figure.
+`--fake_devices 8` runs on 8 host-platform CPU devices (XLA_FLAGS set before JAX starts
+its backend): it shows sharding overheads and per-device memory, not accelerator speed;
+the fake devices share the host's cores, so MFU counts the host's peak once. `--scaling`
+times batch sizes at a fixed sequence length and sequence lengths at a fixed batch, with
+each point's time / work relative to the sweep's first point (1.0: cost grows as the
+tokens do; the attention term grows with seq, so the seq sweep's FLOP ratio is printed
+too). A mesh or shape the model cannot be sharded over is reported as an error line.
+
 Reproduce (torch is optional: `pip install -e .[benchmark]` and `pip install torch==2.13.0`):
 
     python -m launch.benchmark --size small --compare_torch --rounds 5
     python -m launch.benchmark --size base --compare_torch --rounds 5
     python -m launch.benchmark --size small --steps 20        # strata only
+    python -m launch.benchmark --size small base --fake_devices 8 --mesh sweep --steps 3
+    python -m launch.benchmark --size small --scaling --steps 3
 """
 
 import argparse
 import json
+import os
+import re
 import resource
 import statistics
 import sys
@@ -38,28 +58,41 @@ import numpy as np
 from flax import linen as nn
 
 from configs.common import base_config, model_config
-from train import flops, model_setup, objectives, partitioning
+from model.attention import ATTENTION_IMPLS
+from train import flops, memory, model_setup, objectives, partitioning
 from train.optimizer import make_optimizer
 from train.steps import make_train_step
 
 SHAPES = {
+    "tiny": dict(vocab_size=1000, seq_len=64, batch_size=16, steps=3),  # Smoke runs, tests.
     "small": dict(vocab_size=8192, seq_len=128, batch_size=32, steps=10),
     "base": dict(vocab_size=30522, seq_len=128, batch_size=8, steps=4),
 }
 MASK_RATE = 0.15  # BERT: 15% of positions are predicted.
 MASK_ID = 4  # Any non-special id; the masked tokens' identity does not change the cost.
+# --mesh sweep: each parallelism alone over every device, then all three at 2.
+MESH_SWEEP = ("data=-1", "fsdp=-1", "tensor=-1", "data=2,fsdp=2,tensor=2")
+SCALING_BATCHES = (4, 8, 16, 32)  # At SCALING_SEQ.
+SCALING_SEQ = 128
+SCALING_SEQS = (64, 128, 256, 512)  # At --scaling_batch.
 
 
-def make_config(size):
+def make_config(size, *, batch_size=None, seq_len=None, mesh=None, attention_impl="xla",
+                dtype="float32"):
+    """The benchmark's MLM config for `size`; `mesh` a dict of axis sizes (unnamed: 1)."""
     shape = SHAPES[size]
     c = base_config()
     c.task = "mlm"
+    # The flash kernels cannot drop attention probabilities (model/attention.py).
+    attention_dropout = 0.0 if attention_impl in ("cudnn", "splash") else 0.1
     c.model = model_config(size, vocab_size=shape["vocab_size"], heads=("mlm",),
-                           type_vocab_size=2, dropout=0.1, attention_dropout=0.1,
-                           dtype="float32", param_dtype="float32")
-    c.data.seq_len = shape["seq_len"]
+                           type_vocab_size=2, dropout=0.1, attention_dropout=attention_dropout,
+                           attention_impl=attention_impl, dtype=dtype, param_dtype="float32")
+    c.data.seq_len = seq_len or shape["seq_len"]
     c.data.vocab_size = shape["vocab_size"]
-    c.data.batch_size = shape["batch_size"]
+    c.data.batch_size = batch_size or shape["batch_size"]
+    if mesh is not None:
+        c.mesh.update({axis: int(mesh.get(axis, 1)) for axis in partitioning.MESH_AXES})
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"
@@ -98,6 +131,21 @@ def peak_memory():
     return int(rss * (1 if sys.platform == "darwin" else 1024)), "process_maxrss"
 
 
+class DoesNotFit(ValueError):
+    """The compiled step needs more host memory than there is (fake CPU devices all live
+    in this process); `details` holds what was measured before giving up."""
+
+    def __init__(self, message, details):
+        super().__init__(message)
+        self.details = details
+
+
+def available_host_bytes():
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
 class StrataBench:
     impl = "strata"
 
@@ -110,20 +158,42 @@ class StrataBench:
         model = model_setup.build_model(config)
         self.model_cfg = model.cfg
         tx, _ = make_optimizer(config.optim, config.train.num_steps)
-        boxed, _ = model_setup.abstract_train_state(model, tx, config.data.seq_len)
+        boxed, abstract = model_setup.abstract_train_state(model, tx, config.data.seq_len)
         shardings = model_setup.state_shardings(boxed, self.mesh, rules)
-        self.state = model_setup.init_train_state(model, tx, config.data.seq_len,
-                                                  config.seed, shardings)
-        self.batches = [jax.device_put(b, batch_sharding) for b in batches]
+        # Compiled from shapes first (as train/aot.py): its memory is known before any
+        # weights exist, so a step that cannot fit is reported, not OOM-killed.
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                          for k, v in batches[0].items()}
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
             step = jax.jit(
                 make_train_step(model, tx, objectives.MaskedLM(), seed=config.seed),
                 in_shardings=(shardings, batch_sharding),
                 out_shardings=(shardings, replicated), donate_argnums=(0,))
             start = time.perf_counter()
-            self.step = step.lower(self.state, self.batches[0]).compile()
+            self.step = step.lower(abstract, abstract_batch).compile()
             self.compile_time_s = time.perf_counter() - start
+        self.check_fits()
+        self.state = model_setup.init_train_state(model, tx, config.data.seq_len,
+                                                  config.seed, shardings)
+        self.batches = [jax.device_put(b, batch_sharding) for b in batches]
         self.index = 0
+
+    def check_fits(self):
+        """On CPU every device's share is host memory: all of them must fit at once."""
+        per_device = memory.compiled_step_bytes(self.step)
+        if jax.devices()[0].platform != "cpu" or per_device is None:
+            return
+        needed, available = per_device * jax.local_device_count(), available_host_bytes()
+        if needed > 0.5 * available:  # Half: init, the compiler and other work need room.
+            raise DoesNotFit(
+                f"not run: the compiled step needs {needed / 2**30:.1f} GiB of host memory "
+                f"({jax.local_device_count()} CPU devices x {per_device / 2**30:.2f} GiB), "
+                f"{available / 2**30:.1f} GiB available",
+                {"compiled_step_bytes": per_device,
+                 "compile_time_s": round(self.compile_time_s, 3),
+                 "mesh": dict(self.mesh.shape)})
 
     def run(self, steps):
         """Seconds for `steps` train steps (dispatched back to back, synced once)."""
@@ -201,32 +271,178 @@ class TorchBench:
                 **self.versions}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SHAPES), default="small")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="Timed steps per measurement (default: 10 small, 4 base).")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per impl.")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compare_torch", action="store_true")
-    parser.add_argument("--torch_threads", type=int, default=2)
-    args = parser.parse_args(argv)
+def parse_mesh(spec):
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; unnamed axes 1."""
+    mesh = {}
+    for item in filter(None, spec.split(",")):
+        axis, _, size = item.partition("=")
+        if axis not in partitioning.MESH_AXES or not size.lstrip("-").isdigit():
+            raise ValueError(f"--mesh {spec!r}: expected axis=size items over "
+                             f"{partitioning.MESH_AXES}, e.g. data=2,fsdp=2,tensor=2")
+        mesh[axis] = int(size)
+    return mesh
 
-    config = make_config(args.size)
-    # The same PRNG the configs default to (launch/main.py applies it the same way).
-    if config.prng_impl:
-        jax.config.update("jax_default_prng_impl", config.prng_impl)
-    steps = args.steps or SHAPES[args.size]["steps"]
+
+def use_fake_devices(count):
+    """`count` CPU devices in this process; only possible before JAX starts a backend."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(
+        [*flags, f"--xla_force_host_platform_device_count={count}"])
+    jax.config.update("jax_platforms", "cpu")
+    if jax.device_count() != count:
+        raise RuntimeError(f"--fake_devices {count}: JAX had already started with "
+                           f"{jax.device_count()} devices; pass it on a fresh process")
+
+
+def peak_flops():
+    """Peak FLOP/s of the devices in use. Fake CPU devices share the host's cores: the
+    host's measured peak counts once, however many devices it is split into."""
+    peak = flops.measured_peak_flops()
+    return peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
+
+
+def platform_note():
+    if jax.devices()[0].platform != "cpu":
+        return ""
+    return (f"CPU figures: {jax.device_count()} host-platform device(s) sharing "
+            f"{os.cpu_count()} cores; not accelerator numbers")
+
+
+def measure(config, *, steps, warmup=1, rounds=1):
+    """Compile and time the train step under `config` (its shape and mesh): one dict.
+
+    Step time is the median over `rounds` of `steps` back-to-back steps after `warmup`
+    untimed ones. Memory: `compiled_step_bytes` (per device, from XLA), the device
+    allocator's peak (None on CPU), this process's peak RSS so far, and the train
+    state's parameters in bytes (total, and on one device after sharding).
+    """
+    batches = [make_batch(config, seed) for seed in (0, 1)]
+    bench = StrataBench(config, batches)
+    bench.run(warmup)
+    times, cpu_times = [], []
+    for _ in range(rounds):
+        cpu_start = time.process_time()
+        times.append(bench.run(steps) / steps)
+        cpu_times.append((time.process_time() - cpu_start) / steps)
+    step_time = statistics.median(times)
+    batch, seq = config.data.batch_size, config.data.seq_len
+    tokens_per_s = batch * seq / step_time
+    fraction = batches[0]["mlm_positions"].shape[1] / seq
+    flops_per_token = flops.train_flops_per_token(bench.model_cfg, seq, fraction)
+    params = jax.tree_util.tree_leaves(bench.state.params)
+    return {
+        "tokens_per_s": round(tokens_per_s, 1), "step_time_s": round(step_time, 4),
+        "cpu_s_per_step": round(statistics.median(cpu_times), 4),
+        "mfu": round(tokens_per_s * flops_per_token / peak_flops(), 4),
+        "flops_per_step": flops_per_token * batch * seq,
+        "compiled_step_bytes": memory.compiled_step_bytes(bench.step),
+        "device_peak_bytes": memory.device_peak_bytes(),
+        "host_peak_rss_bytes": memory.host_peak_rss_bytes(),
+        "params_bytes": int(sum(x.nbytes for x in params)),
+        "params_bytes_per_device": int(sum(x.addressable_shards[0].data.nbytes
+                                           for x in params)),
+        "batch_size": batch, "seq_len": seq, "steps": steps, "rounds": rounds,
+        "attention_impl": config.model.attention_impl, "dtype": config.model.dtype,
+        **bench.info(),
+    }
+
+
+def run_measurement(args, size, mesh_spec, *, sweep=None, batch_size=None, seq_len=None):
+    """measure() for one point, as a printed JSON line; a config the mesh cannot take
+    (indivisible batch, heads or vocabulary) is reported, not fatal."""
+    row = {"size": size, "mesh_spec": mesh_spec or "default", "sweep": sweep}
+    try:
+        config = make_config(size, batch_size=batch_size, seq_len=seq_len,
+                             mesh=parse_mesh(mesh_spec) if mesh_spec else None,
+                             attention_impl=args.attention_impl, dtype=args.dtype)
+        row.update(measure(config, steps=args.steps or SHAPES[size]["steps"],
+                           warmup=args.warmup, rounds=args.rounds))
+    except ValueError as e:  # Mesh / divisibility / config errors name what is wrong.
+        row.update(batch_size=batch_size, seq_len=seq_len, error=short_error(e),
+                   **getattr(e, "details", {}))
+    if platform_note():
+        row["note"] = platform_note()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def short_error(error):
+    """First line of an error; XLA's indivisible-sharding message in a few words."""
+    text = str(error).splitlines()[0]
+    found = re.search(r"partitioned (\d+) times, but the dimension size is (\d+) "
+                      r"\(full shape: (\([^)]*\))", text)
+    if found:
+        ways, size, shape = found.groups()
+        return (f"cannot shard: an axis of size {size} (array {shape}) does not split "
+                f"{ways} ways; {text}")
+    return text
+
+
+def add_ratios(rows):
+    """Each sweep point's step time and work relative to the first: time/work 1.0 means
+    cost grows as the tokens do, > 1 faster than them."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    first = ok[0]
+    for r in ok:
+        time_ratio = r["step_time_s"] / first["step_time_s"]
+        work_ratio = r["batch_size"] * r["seq_len"] / (first["batch_size"] * first["seq_len"])
+        r.update(time_ratio=round(time_ratio, 3), tokens_ratio=round(work_ratio, 3),
+                 flops_ratio=round(r["flops_per_step"] / first["flops_per_step"], 3),
+                 time_per_work=round(time_ratio / work_ratio, 3))
+        print(json.dumps({"ratio": True, **{k: r[k] for k in (
+            "size", "mesh_spec", "sweep", "batch_size", "seq_len", "step_time_s",
+            "time_ratio", "tokens_ratio", "flops_ratio", "time_per_work")}}), flush=True)
+
+
+def mib(value):
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def print_table(rows):
+    """The measurements as a readable table (after the JSON lines)."""
+    columns = ("size", "mesh", "sweep", "batch", "seq", "tokens/s", "step ms", "MFU",
+               "compile s", "step MiB/dev", "params MiB/dev", "dev peak MiB", "time/work")
+    lines = []
+    for r in rows:
+        mesh = ("x".join(f"{a[0]}{n}" for a, n in r["mesh"].items()) if "mesh" in r
+                else r["mesh_spec"])
+        if "error" in r:
+            lines.append((r["size"], mesh, r["sweep"] or "", str(r["batch_size"] or ""),
+                          str(r["seq_len"] or ""), "error: " + r["error"][:90]))
+            continue
+        lines.append((r["size"], mesh, r["sweep"] or "", str(r["batch_size"]),
+                      str(r["seq_len"]), f"{r['tokens_per_s']:.0f}",
+                      f"{1000 * r['step_time_s']:.1f}", f"{r['mfu']:.3f}",
+                      f"{r['compile_time_s']:.1f}", mib(r["compiled_step_bytes"]),
+                      mib(r["params_bytes_per_device"]), mib(r["device_peak_bytes"]),
+                      str(r.get("time_per_work", ""))))
+    # An error row's last cell runs on past the columns; it sets no width.
+    widths = [max([len(c)] + [len(line[i]) for line in lines if i < len(line) - 1
+                              or len(line) == len(columns)])
+              for i, c in enumerate(columns)]
+    print()
+    if platform_note():
+        print(platform_note() + f"; host peak RSS {mib(memory.host_peak_rss_bytes())} MiB")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for line in lines:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+
+
+def compare_torch(args, size):
+    """Strata vs HF BertForMaskedLM, rounds alternating (the original benchmark)."""
+    config = make_config(size)
+    steps = args.steps or SHAPES[size]["steps"]
     batches = [make_batch(config, seed) for seed in (0, 1)]
     tokens_per_step = config.data.batch_size * config.data.seq_len
 
-    benches = [StrataBench(config, batches)]
-    if args.compare_torch:
-        benches.append(TorchBench(config, batches, args.torch_threads))
+    benches = [StrataBench(config, batches), TorchBench(config, batches, args.torch_threads)]
     fraction = batches[0]["mlm_positions"].shape[1] / config.data.seq_len
     flops_per_token = flops.train_flops_per_token(benches[0].model_cfg, config.data.seq_len,
                                                   fraction)
-    peak_flops = flops.measured_peak_flops() * jax.device_count()
+    peak = peak_flops()
     for bench in benches:
         bench.run(args.warmup)
 
@@ -240,28 +456,82 @@ def main(argv=None):
             step_time = seconds / steps
             tokens_per_s = tokens_per_step / step_time
             results[bench.impl].append(tokens_per_s)
-            memory, memory_source = peak_memory()
+            memory_bytes, memory_source = peak_memory()
             print(json.dumps({
-                "impl": bench.impl, "size": args.size, "round": r,
+                "impl": bench.impl, "size": size, "round": r,
                 "tokens_per_s": round(tokens_per_s, 1), "step_time_s": round(step_time, 4),
                 "cpu_s_per_step": round(cpu_per_step, 4),
-                "mfu": round(tokens_per_s * flops_per_token / peak_flops, 4),
-                "peak_memory_bytes": memory, "peak_memory_source": memory_source,
+                "mfu": round(tokens_per_s * flops_per_token / peak, 4),
+                "peak_memory_bytes": memory_bytes, "peak_memory_source": memory_source,
                 "steps": steps, "batch_size": config.data.batch_size,
                 "seq_len": config.data.seq_len, "devices": jax.device_count(),
                 "mesh": dict(benches[0].mesh.shape), **bench.info(),
             }), flush=True)
 
+    ratios = [s / t for s, t in zip(results["strata"], results["torch"])]
+    print(json.dumps({
+        "summary": True, "size": size, "rounds": args.rounds, "steps": steps,
+        "strata_tokens_per_s_median": round(statistics.median(results["strata"]), 1),
+        "torch_tokens_per_s_median": round(statistics.median(results["torch"]), 1),
+        "ratio_strata_over_torch_median": round(statistics.median(ratios), 3),
+        "ratios": [round(x, 3) for x in ratios],
+        "peak_flops": peak, "flops_per_token": flops_per_token,
+    }), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SHAPES), nargs="+", default=["small"])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Timed steps per measurement (default: 10 small, 4 base).")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per impl.")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="Timed rounds (default: 3 with --compare_torch, else 1).")
+    parser.add_argument("--compare_torch", action="store_true")
+    parser.add_argument("--torch_threads", type=int, default=2)
+    parser.add_argument("--mesh", nargs="+", default=None,
+                        help="Mesh shapes, e.g. data=8 fsdp=8 data=2,fsdp=2,tensor=2 "
+                             "(unnamed axes 1; one may be -1); 'sweep' = " + " ".join(MESH_SWEEP))
+    parser.add_argument("--fake_devices", type=int, default=0,
+                        help="Run on this many host-platform CPU devices.")
+    parser.add_argument("--scaling", nargs="?", const="both", choices=("batch", "seq", "both"),
+                        help=f"Also sweep batch {SCALING_BATCHES} at seq {SCALING_SEQ} and/or "
+                             f"seq {SCALING_SEQS} at --scaling_batch (bare: both).")
+    parser.add_argument("--scaling_batch", type=int, default=8)
+    parser.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS,
+                        help="config.model.attention_impl (cudnn/splash: attention dropout 0).")
+    parser.add_argument("--dtype", default="float32", help="config.model.dtype.")
+    args = parser.parse_args(argv)
+
+    if args.fake_devices:
+        use_fake_devices(args.fake_devices)
+    # The same PRNG the configs default to (launch/main.py applies it the same way).
+    if base_config().prng_impl:
+        jax.config.update("jax_default_prng_impl", base_config().prng_impl)
     if args.compare_torch:
-        ratios = [s / t for s, t in zip(results["strata"], results["torch"])]
-        print(json.dumps({
-            "summary": True, "size": args.size, "rounds": args.rounds, "steps": steps,
-            "strata_tokens_per_s_median": round(statistics.median(results["strata"]), 1),
-            "torch_tokens_per_s_median": round(statistics.median(results["torch"]), 1),
-            "ratio_strata_over_torch_median": round(statistics.median(ratios), 3),
-            "ratios": [round(x, 3) for x in ratios],
-            "peak_flops": peak_flops, "flops_per_token": flops_per_token,
-        }), flush=True)
+        args.rounds = args.rounds or 3
+        for size in args.size:
+            compare_torch(args, size)
+        return
+    args.rounds = args.rounds or 1
+    meshes = args.mesh or [None]
+    if meshes == ["sweep"]:
+        meshes = list(MESH_SWEEP)
+    rows = []
+    for size in args.size:
+        for mesh in meshes if args.mesh or not args.scaling else []:  # --scaling alone: sweeps.
+            rows.append(run_measurement(args, size, mesh))
+        if args.scaling:
+            mesh = meshes[0]
+            for sweep, points in (("batch", [(b, SCALING_SEQ) for b in SCALING_BATCHES]),
+                                  ("seq", [(args.scaling_batch, s) for s in SCALING_SEQS])):
+                if args.scaling not in (sweep, "both"):
+                    continue
+                sweep_rows = [run_measurement(args, size, mesh, sweep=sweep, batch_size=b,
+                                              seq_len=s) for b, s in points]
+                add_ratios(sweep_rows)
+                rows.extend(sweep_rows)
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ def main(argv):
         from retrieval import rag_run
 
         results = rag_run.run(config, _WORKDIR.value)
+    elif config.task == "retriever":  # Pairs, recall before, training, recall after.
+        from retrieval import retriever_run
+
+        results = retriever_run.run(config, _WORKDIR.value)
     else:
         results = loop.train_and_evaluate(config, _WORKDIR.value)
     print(json.dumps(results, indent=2, default=str))

@@ -202,6 +202,20 @@ def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overr
     return failed
 
 
+def enable_compilation_cache(workdir):
+    """Trials of one sweep compile the same steps again and again (seeds, label
+    fractions, learning rates change no shape): JAX's persistent cache in `W/.jax_cache`
+    turns the repeats into loads, here and in --mode=parallel's subprocesses (env)."""
+    import jax
+
+    cache = os.path.abspath(os.path.join(workdir, ".jax_cache"))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
 REPORTS = {"stages": "train.stages_report"}  # get_ablation's `report` -> its writer.
 
 
@@ -249,6 +263,7 @@ def main(argv):
     logging.getLogger("strata").setLevel(logging.INFO)
     try:
         f = flags.FLAGS
+        enable_compilation_cache(f.workdir)
         run = run_ablation if load_ablation(f.config, f.workdir) else run_sweep
         failed = run(f.config, f.workdir, f.mode, f.max_parallel, _cli_overrides)
     except (KeyError, ValueError, FileNotFoundError) as error:

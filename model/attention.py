@@ -4,9 +4,12 @@ Masks are pure functions of segment ids (0 = padding; packed rows carry one id p
 sequence) so packing, padding and the three modes share one code path.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec
 
 from model import initializers
 from model.lora import LoraSpec
@@ -42,19 +45,50 @@ def make_attention_mask(segment_ids, mode="bidirectional", prefix_mask=None):
     return allowed[:, None, :, :]
 
 
+# "xla": the einsum reference below. "dot_product": jax.nn.dot_product_attention (its XLA
+# path). "cudnn": cuDNN flash attention (GPU). "splash": Pallas splash attention (TPU).
+# "auto": per call, the first kernel that can run it (cudnn, splash), else "xla".
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash", "auto")
+KERNEL_PLATFORMS = {"cudnn": "gpu", "splash": "tpu"}  # jax.default_backend() each needs.
+SPLASH_BLOCKS = (512, 256, 128)  # Splash tiles q and kv; a tile is a multiple of 128.
+
+
 def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_rate=0.0,
-                          deterministic=True, dtype=jnp.float32, impl="xla"):
+                          deterministic=True, dtype=jnp.float32, impl="xla",
+                          segment_ids=None, mask_mode="bidirectional", interpret=False):
     """Scaled dot-product attention; softmax in float32.
 
     query [batch, q_len, heads, head_dim], key/value [batch, k_len, heads, head_dim],
     mask bool [batch, 1, q_len, k_len]. Returns [batch, q_len, heads, head_dim].
+
+    The kernels: "cudnn" takes `mask` as it is (as an additive bias); "splash" rebuilds
+    it from `segment_ids` [batch, seq] (the ids `mask` was made from; None when the
+    caller passed its own mask) and `mask_mode`. `interpret=True` runs splash through the
+    Pallas interpreter on any platform (tests; slow). A kernel that cannot do this call
+    (platform, dtype, mask kind, attention dropout) raises a ValueError naming
+    config.model.attention_impl and why.
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"config.model.attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
     use_dropout = not deterministic and dropout_rate > 0.0
+    why_not = functools.partial(
+        kernel_unsupported, query=query, key=key, segment_ids=segment_ids,
+        mask_mode=mask_mode, dropout_rate=dropout_rate if use_dropout else 0.0,
+        interpret=interpret)
+    if impl == "auto":
+        impl = next((k for k in KERNEL_PLATFORMS if why_not(k) is None), "xla")
+    elif impl in KERNEL_PLATFORMS and (reason := why_not(impl)) is not None:
+        raise ValueError(f"config.model.attention_impl={impl!r}: {reason}")
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                            implementation="cudnn").astype(dtype)
+    if impl == "splash":
+        return splash_attention(query, key, value, segment_ids, causal=mask_mode == "causal",
+                                interpret=interpret).astype(dtype)
     if impl == "dot_product" and not use_dropout:
-        # jax.nn picks the cuDNN flash kernel on GPU where it applies.
+        # jax.nn's default implementation: its XLA path (dropout falls to the einsum).
         return jax.nn.dot_product_attention(query, key, value, mask=mask).astype(dtype)
-    if impl not in ("xla", "dot_product"):
-        raise ValueError(f"config.model.attention_impl={impl!r}; expected 'xla' or 'dot_product'")
     depth = query.shape[-1]
     query = query / jnp.sqrt(depth).astype(query.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
@@ -64,6 +98,76 @@ def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = weights * keep / (1.0 - dropout_rate)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), value)
+
+
+def kernel_unsupported(impl, *, query, key, segment_ids, mask_mode, dropout_rate,
+                       interpret=False, platform=None):
+    """Why kernel `impl` ("cudnn" | "splash") cannot run this call, or None if it can."""
+    platform = platform or jax.default_backend()
+    if platform != KERNEL_PLATFORMS[impl] and not (impl == "splash" and interpret):
+        return (f"{impl} runs on {KERNEL_PLATFORMS[impl]} only and this process's platform "
+                f"is {platform!r}; use 'xla', 'dot_product' or 'auto'")
+    if dropout_rate > 0:
+        return (f"the {impl} kernel cannot drop attention probabilities "
+                f"(config.model.attention_dropout={dropout_rate} in training); set it to 0.0 "
+                f"or use 'xla'")
+    if impl == "cudnn":
+        if query.dtype not in (jnp.bfloat16, jnp.float16):
+            return (f"cuDNN flash attention needs config.model.dtype 'bfloat16' or "
+                    f"'float16', got {str(query.dtype)!r}")
+        return None
+    if segment_ids is None:
+        return ("splash builds its mask from segment ids; an explicit attention mask "
+                "(attention_mask passed to the model) cannot be expressed")
+    if mask_mode not in ("bidirectional", "causal"):
+        return (f"config.model.attention_mask={mask_mode!r} (a per-example prefix) cannot "
+                f"be expressed as a splash mask; use 'xla' or 'cudnn'")
+    if query.shape[1] != key.shape[1]:
+        return ("keys prepended by prefix tuning (config.model.prefix_length) cannot be "
+                "expressed as a splash mask")
+    if query.shape[1] % SPLASH_BLOCKS[-1]:
+        return (f"splash needs a sequence length that is a multiple of {SPLASH_BLOCKS[-1]}, "
+                f"got {query.shape[1]}")
+    return None
+
+
+def splash_attention(query, key, value, segment_ids, *, causal, interpret=False):
+    """Pallas splash (sparse flash) attention; [batch, seq, heads, head_dim] in and out.
+
+    The mask is causal or full, and-ed with equal segment ids (so padding, id 0, only
+    sees padding: its rows are never empty, and no real query sees it). Under a mesh
+    the kernel runs per shard (shard_map over batch and heads, as the logical rules
+    place them): XLA cannot partition a Pallas call itself.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU kernel.
+
+    seq = query.shape[1]
+    block = next(b for b in SPLASH_BLOCKS if seq % b == 0)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # Splash does not scale.
+
+    def attend(q, k, v, ids):  # [batch, heads, seq, head_dim] of one shard.
+        one_head = splash.CausalMask((seq, seq)) if causal else splash.FullMask((seq, seq))
+        kernel = splash.make_splash_mha(
+            splash.MultiHeadMask([one_head] * q.shape[1]), block_sizes=sizes,
+            head_shards=1, q_seq_shards=1, interpret=interpret)
+        return jax.vmap(kernel)(q, k, v, splash.SegmentIds(q=ids, kv=ids))
+
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (query, key, value))
+    ids = segment_ids.astype(jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = attend(q, k, v, ids)
+    else:
+        batch_axes, head_axes = nn.logical_to_mesh_axes(("activation_batch",
+                                                         "activation_heads"))
+        heads = PartitionSpec(batch_axes, head_axes, None, None)
+        out = jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads,
+                                                         PartitionSpec(batch_axes, None)),
+                            out_specs=heads, check_vma=False)(q, k, v, ids)
+    return out.transpose(0, 2, 1, 3)
 
 
 class Linear(nn.Module):
@@ -134,7 +238,8 @@ class MultiHeadAttention(nn.Module):
     init: str = "truncated_normal"
     init_std: float = 0.02
     dropout_rate: float = 0.0
-    impl: str = "xla"
+    impl: str = "xla"  # One of ATTENTION_IMPLS.
+    mask_mode: str = "bidirectional"  # What the mask was built as (the splash kernel's mask).
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     lora: LoraSpec | None = None  # LoRA on the projections its `targets` name.
@@ -142,9 +247,12 @@ class MultiHeadAttention(nn.Module):
     prefix_length: int = 0  # Prefix tuning: learned keys/values every query attends to.
 
     @nn.compact
-    def __call__(self, x, mask, *, deterministic=True, decode=False, prefix_kv=None):
+    def __call__(self, x, mask, *, deterministic=True, decode=False, prefix_kv=None,
+                 segment_ids=None):
         """`prefix_kv`: (keys, values) [prefix_length, heads, head_dim] made outside (the
-        prefix-tuning MLP reparameterisation) instead of this layer's own prefix params."""
+        prefix-tuning MLP reparameterisation) instead of this layer's own prefix params.
+        `segment_ids` [batch, seq]: the ids `mask` was built from (None for a mask the
+        caller made), for kernels that build their own mask."""
         embed = x.shape[-1]
 
         def projection(name):
@@ -168,9 +276,15 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0:
             dropout_rng = self.make_rng("dropout")
+        impl = self.impl
+        if decode and impl in ("cudnn", "splash", "auto"):
+            # KV-cache steps take one query against a cache-wide mask: nothing for a
+            # flash kernel to tile, and a mask splash cannot express. The einsum it is.
+            impl = "xla"
         out = dot_product_attention(
             query, key, value, mask, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
-            deterministic=deterministic, dtype=self.dtype, impl=self.impl,
+            deterministic=deterministic, dtype=self.dtype, impl=impl,
+            segment_ids=segment_ids, mask_mode=self.mask_mode,
         )
         out = nn.with_logical_constraint(out, axes)
         return Linear((embed,), ("heads", "kv", "embed"), in_ndim=2, init=self.init,

@@ -103,12 +103,14 @@ class Block(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x, mask, deterministic=True, decode=False, prefix_kv=None):
+    def __call__(self, x, mask, deterministic=True, decode=False, prefix_kv=None,
+                 segment_ids=None):
         cfg = self.cfg
         attention = MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=cfg.max_len,
             init=cfg.init, init_std=cfg.init_std, dropout_rate=cfg.attention_dropout,
-            impl=cfg.attention_impl, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            impl=cfg.attention_impl, mask_mode=cfg.attention_mask,
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             lora=lora.spec(cfg), ia3=cfg.ia3, prefix_length=cfg.prefix_length,
             name="attention",
         )
@@ -116,13 +118,14 @@ class Block(nn.Module):
         drop = nn.Dropout(cfg.dropout)
         if cfg.norm == "pre":
             h = attention(layer_norm(cfg, "attention_norm")(x), mask,
-                          deterministic=deterministic, decode=decode, prefix_kv=prefix_kv)
+                          deterministic=deterministic, decode=decode, prefix_kv=prefix_kv,
+                          segment_ids=segment_ids)
             x = x + drop(self.adapt(h, "attention_adapter"), deterministic=deterministic)
             h = mlp(layer_norm(cfg, "mlp_norm")(x), deterministic)
             x = x + drop(self.adapt(h, "mlp_adapter"), deterministic=deterministic)
         else:
             h = attention(x, mask, deterministic=deterministic, decode=decode,
-                          prefix_kv=prefix_kv)
+                          prefix_kv=prefix_kv, segment_ids=segment_ids)
             h = self.adapt(h, "attention_adapter")
             x = layer_norm(cfg, "attention_norm")(x + drop(h, deterministic=deterministic))
             h = self.adapt(mlp(x, deterministic), "mlp_adapter")
@@ -203,6 +206,8 @@ class Encoder(nn.Module):
             segment_ids = insert_after_first(segment_ids, segment_ids[:, :1], cfg.prompt_length)
             if prefix_mask is not None:  # Prompts belong to the bidirectional prefix.
                 prefix_mask = insert_after_first(prefix_mask, True, cfg.prompt_length)
+        # Attention kernels that build their own mask (splash) take the ids it came from.
+        mask_segment_ids = segment_ids if attention_mask is None else None
         if attention_mask is None:
             attention_mask = make_attention_mask(segment_ids, cfg.attention_mask, prefix_mask)
         x = self.embed_tokens(tokens) + self.position_embed(positions)
@@ -220,7 +225,7 @@ class Encoder(nn.Module):
         if cfg.prefix_length and cfg.prefix_mlp_dim:
             prefixes = self.prefix_mlp()
         for block, prefix_kv in zip(self.blocks, prefixes):
-            x = block(x, attention_mask, deterministic, decode, prefix_kv)
+            x = block(x, attention_mask, deterministic, decode, prefix_kv, mask_segment_ids)
         if cfg.norm == "pre":
             x = self.norm(x)
         if cfg.prompt_length:  # Drop the prompts: heads see the input's positions.

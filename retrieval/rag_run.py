@@ -51,15 +51,17 @@ log = logging.getLogger("strata")
 
 # --- Knowledge base and questions ---------------------------------------------------------
 
-def knowledge_base(config):
+def knowledge_base(config, rc=None):
     """-> (passages {id: text} of the KB (the index), questions {split: [Question]},
     training passages {id: text}: the training questions' own and the distractor pool).
 
     Held-out questions are about KB synsets. With `train_distractors="random"` training
     questions come from every training-split synset (their passages need no embedding);
     with "retrieved" only from the KB's (their distractors are retrieved from it).
+    `rc`: the section holding kb_size, question_kinds, ... (default config.rag; the
+    retriever stage passes config.retriever).
     """
-    rc = config.rag
+    rc = config.rag if rc is None else rc
     if rc.train_distractors not in ("retrieved", "random"):
         raise ValueError(f"config.rag.train_distractors={rc.train_distractors!r}; expected "
                          f"'retrieved' or 'random'")

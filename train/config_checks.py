@@ -1,6 +1,6 @@
 """Start-up validation: a wrong value fails in seconds, naming the key and what it takes."""
 
-from model.attention import MASK_MODES
+from model.attention import ATTENTION_IMPLS, MASK_MODES
 from model.initializers import INITS
 from model.transformer import HEADS
 from train.data.augmentation import check_rates
@@ -9,12 +9,12 @@ from train.optimizer import SCHEDULES
 from train.regularizers import TOWARD, check_strengths
 
 CHOICES = {
-    "task": ("classify", "mlm", "prefix_lm", "rag"),
+    "task": ("classify", "mlm", "prefix_lm", "rag", "retriever"),
     "model.attention_mask": MASK_MODES,
     "model.init": INITS,
     "model.norm": ("pre", "post"),
     "model.pooling": ("cls", "mean"),
-    "model.attention_impl": ("xla", "dot_product"),
+    "model.attention_impl": ATTENTION_IMPLS,
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -49,6 +49,22 @@ def validate(config):
             "lm" not in config.model.heads or config.model.attention_mask != "prefix"):
         raise ValueError(f"config.task={config.task!r} needs config.model.heads with 'lm' "
                          f"and config.model.attention_mask='prefix'")
+    if config.task == "retriever" and (not config.get("retriever")
+                                       or config.model.attention_mask != "bidirectional"):
+        raise ValueError("config.task='retriever' needs a config.retriever section "
+                         "(configs/retriever.py) and config.model.attention_mask="
+                         "'bidirectional'")
+    impl, m = config.model.attention_impl, config.model
+    if impl in ("cudnn", "splash") and m.attention_dropout > 0:
+        raise ValueError(
+            f"config.model.attention_impl={impl!r} cannot drop attention probabilities but "
+            f"config.model.attention_dropout={m.attention_dropout}; set it to 0.0 or use "
+            f"'xla' ('auto' falls back to 'xla' while training with it)")
+    if impl == "splash" and (m.attention_mask == "prefix" or m.prefix_length):
+        kind = ("attention_mask='prefix'" if m.attention_mask == "prefix"
+                else f"prefix_length={m.prefix_length}")
+        raise ValueError(f"config.model.attention_impl='splash' cannot express the mask of "
+                         f"config.model.{kind}; use 'xla', 'cudnn' or 'auto'")
     if config.data.seq_len > config.model.max_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from train import checkpoints as ckpt
 from train import flops, memory, model_setup, objectives, partitioning
-from train.data import augmentation, masking, pipeline, prefix_lm, sources, tokenizer
+from train.data import augmentation, masking, pairs, pipeline, prefix_lm, sources, tokenizer
 from train.forgetting import measure_forgetting
 from train.init_from import init_params_from
 from train.learning_curves import write_learning_curves
@@ -77,15 +77,18 @@ def train_and_evaluate(config, workdir):
 
     # --- Data -----------------------------------------------------------------------
     data_cfg = config.data
-    if jax.process_count() > 1:
+    # prefix_lm: (question + passages, answer) examples a runner wrote to data.qa_dir;
+    # retriever: (question, passage) pairs there (train/data/pairs.py).
+    generative = config.task == "prefix_lm"
+    paired = config.task == "retriever"
+    if jax.process_count() > 1 and not paired:
         # Process 0 builds the dataset and tokenizer once; the others then only read.
         if jax.process_index() == 0:
             sources.load_split(data_cfg, data_cfg.train_split)
             tokenizer.get_tokenizer(data_cfg)
         multihost_utils.sync_global_devices("strata: data prepared")
-    # prefix_lm: (question + passages, answer) examples a runner wrote to data.qa_dir.
-    generative = config.task == "prefix_lm"
-    load_split = prefix_lm.load_split if generative else sources.load_split
+    load_split = (prefix_lm.load_split if generative else pairs.load_split if paired
+                  else sources.load_split)
     train_source = load_split(data_cfg, data_cfg.train_split)
     tok = tokenizer.get_tokenizer(data_cfg)
     if tok.vocab_size > config.model.vocab_size:
@@ -93,9 +96,9 @@ def train_and_evaluate(config, workdir):
             f"The tokenizer has {tok.vocab_size} pieces but config.model.vocab_size="
             f"{config.model.vocab_size}; set it to at least the tokenizer's size")
     mlm = config.task == "mlm"  # Self-supervised: labels unused, tokens masked BERT-style.
-    if generative:
-        train_iter = prefix_lm.make_train_iterator(train_source, tok, data_cfg,
-                                                   seed=config.seed)
+    if generative or paired:
+        train_iter = (prefix_lm if generative else pairs).make_train_iterator(
+            train_source, tok, data_cfg, seed=config.seed)
     else:
         train_iter = pipeline.make_train_iterator(
             train_source, tok, data_cfg, seed=config.seed,
@@ -108,8 +111,9 @@ def train_and_evaluate(config, workdir):
                     for split in (data_cfg.eval_split, data_cfg.test_split)}
 
     def eval_batches(split):
-        if generative:
-            return prefix_lm.make_eval_iterator(eval_sources[split], tok, data_cfg)
+        if generative or paired:
+            return (prefix_lm if generative else pairs).make_eval_iterator(
+                eval_sources[split], tok, data_cfg)
         return pipeline.make_eval_iterator(
             eval_sources[split], tok, data_cfg, with_labels=False if mlm else None,
             transform=masking.eval_transform(tok, data_cfg) if mlm else None)
@@ -197,8 +201,10 @@ def train_and_evaluate(config, workdir):
     try:
         while step < num_steps:
             local = next(train_iter)
-            tokens += local["tokens"].size * jax.process_count()
-            real_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+            sides = ("", "passage_") if paired else ("",)  # Pairs: queries and passages.
+            tokens += sum(local[f"{s}tokens"].size for s in sides) * jax.process_count()
+            real_tokens += sum(int((local[f"{s}segment_ids"] > 0).sum())
+                               for s in sides) * jax.process_count()
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 batch = pipeline.to_global_batch(local, mesh)
                 if compiled_train_step is None:  # Compiled ahead once: XLA's memory figure.
@@ -260,7 +266,7 @@ def train_and_evaluate(config, workdir):
         results["peak_memory"] = memory.peak_memory(compiled_train_step)
     for split in (data_cfg.eval_split, data_cfg.test_split):
         results[split] = evaluate(state.params, split, config.train.final_eval_steps)
-    if config.train.report_forgetting and not mlm and not generative:
+    if config.train.report_forgetting and not (mlm or generative or paired):
         forgetting = measure_forgetting(config, state.params, tok, mesh, rules)
         if forgetting is not None:
             results["forgetting"] = forgetting

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from train.embedding import mean_pool
+
 
 @dataclasses.dataclass(frozen=True)
 class Classification:
@@ -114,6 +116,62 @@ class PrefixLM:
                 "exact_match": float(sums["answers_exact"] / max(sums["answers"], 1e-9))}
 
 
+def in_batch_contrastive(queries, passages, passage_keys, weights, temperature,
+                         symmetric=False):
+    """DPR's loss with in-batch negatives: query i's positive is passage i, every other
+    passage of the batch a negative. queries, passages [batch, embed] (unit vectors);
+    passage_keys int [batch] (one per distinct passage); weights [batch] (0: a filler row).
+
+    logits = queries @ passages.T / temperature; a passage is not a negative for query i
+    when it is the same passage as i's (two questions about one synset) or a filler row.
+    Per query: logsumexp(row) - logits[i, i]; `symmetric` averages it with the same
+    over each passage's column (passage -> query). -> (loss_sum, weight_sum, sums).
+    """
+    logits = jnp.dot(queries, passages.T, precision=jax.lax.Precision.HIGHEST) / temperature
+    weights = weights.astype(jnp.float32)
+    diagonal = jnp.eye(logits.shape[0], dtype=bool)
+    same = passage_keys[:, None] == passage_keys[None, :]
+    excluded = (same | (weights[None, :] == 0) | (weights[:, None] == 0)) & ~diagonal
+    logits = jnp.where(excluded, -1e9, logits)  # Finite: a filler row stays NaN-free.
+    positive = jnp.diagonal(logits)
+    per_query = jax.nn.logsumexp(logits, axis=1) - positive
+    if symmetric:
+        per_query = 0.5 * (per_query + jax.nn.logsumexp(logits, axis=0) - positive)
+    correct = jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])
+    sums = {"correct": jnp.sum(correct * weights), "examples": jnp.sum(weights)}
+    return jnp.sum(per_query * weights), jnp.sum(weights), sums
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrastive:
+    """Retriever training (task "retriever"): (query, passage) pairs embedded by the shared
+    encoder (mean-pooled, L2-normalised: train/embedding.py's recipe, so the trained
+    encoder embeds a corpus as it was trained), scored by `in_batch_contrastive`.
+
+    The step runs queries and passages as one batch (train/steps.py `model_rows`):
+    outputs["hidden"] is [2 * batch, seq, embed], queries first. The batch carries
+    `segment_ids` / `passage_segment_ids` [batch, seq] and `passage_key` [batch]
+    (train/data/pairs.py). accuracy: in-batch top-1 (query -> its passage). With
+    optim.grad_accum_steps > 1 the negatives are the micro-batch's, not the batch's.
+    """
+
+    temperature: float = 0.05
+    symmetric: bool = False
+    heads: tuple = ()
+
+    def loss(self, outputs, batch):
+        mask = jnp.concatenate([batch["segment_ids"], batch["passage_segment_ids"]]) > 0
+        embeddings = mean_pool(outputs["hidden"].astype(jnp.float32), mask)
+        queries, passages = jnp.split(embeddings, 2)
+        return in_batch_contrastive(queries, passages, batch["passage_key"],
+                                    batch["example_weight"], self.temperature,
+                                    self.symmetric)
+
+    def finalize(self, sums):
+        return {"loss": float(sums["loss_sum"] / max(sums["weight"], 1e-9)),
+                "accuracy": float(sums["correct"] / max(sums["examples"], 1e-9))}
+
+
 def macro_f1(confusion):
     """Mean F1 over classes that occur in the labels or the predictions (sklearn's
     `f1_score(average="macro")` over the present labels)."""
@@ -143,5 +201,8 @@ def make_objective(config, class_weights=None):
         return MaskedLM()
     if config.task == "prefix_lm":
         return PrefixLM()
+    if config.task == "retriever":
+        return Contrastive(temperature=config.retriever.temperature,
+                           symmetric=config.retriever.symmetric_loss)
     raise ValueError(f"config.task={config.task!r}; expected one of ('classify', 'mlm', "
-                     f"'prefix_lm')")
+                     f"'prefix_lm', 'retriever')")

@@ -249,8 +249,9 @@ def _methods(workdir, runs):
         "",
         "From the same MLM checkpoint, same steps and batch; each method at its default "
         "learning rate. Trainable parameters include the new classification head. Step "
-        "memory is XLA's compiled train-step footprint per device (parameters, optimizer "
-        "state, activations). Forgetting: held-out MLM loss of the encoder (under the "
+        "memory is XLA's compiled train-step footprint per device (arguments, outputs and "
+        "temporaries; the CPU backend reports no temporaries, so on CPU it is parameters, "
+        "optimizer state and the batch). Forgetting: held-out MLM loss of the encoder (under the "
         "pre-trained MLM head) before → after fine-tuning; MiniLM ships no MLM head.",
         "",
         _table(["method", "test acc", "macro-F1", "trainable params (% of total)",

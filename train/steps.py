@@ -21,6 +21,17 @@ def model_inputs(batch):
     return {k: batch[k] for k in keys if k in batch}
 
 
+def model_rows(batch):
+    """-> (tokens, model inputs) the model runs on. A batch of (query, passage) pairs
+    (task "retriever", train/data/pairs.py) runs both sides in one pass: [2 * batch, seq],
+    queries first; the `passage_*` fields hold the passages' inputs."""
+    tokens, inputs = batch["tokens"], model_inputs(batch)
+    if "passage_tokens" in batch:
+        tokens = jnp.concatenate([tokens, batch["passage_tokens"]])
+        inputs = {k: jnp.concatenate([v, batch[f"passage_{k}"]]) for k, v in inputs.items()}
+    return tokens, inputs
+
+
 def split_microbatches(batch, num):
     """[batch, ...] -> [num, batch/num, ...], micro-batch i holding rows i, i+num, ...
 
@@ -41,8 +52,9 @@ def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=
     def loss_fn(params, batch, dropout_key, frozen=None):
         if frozen is not None:
             params = combine(params, frozen)
+        tokens, inputs = model_rows(batch)
         outputs = model.apply(
-            {"params": params}, batch["tokens"], **model_inputs(batch),
+            {"params": params}, tokens, **inputs,
             deterministic=False, heads=objective.heads, rngs={"dropout": dropout_key})
         loss_sum, weight, sums = objective.loss(outputs, batch)
         return loss_sum, (weight, sums)
@@ -103,7 +115,8 @@ def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=
 
 def make_eval_step(model, objective):
     def eval_step(params, batch):
-        outputs = model.apply({"params": params}, batch["tokens"], **model_inputs(batch),
+        tokens, inputs = model_rows(batch)
+        outputs = model.apply({"params": params}, tokens, **inputs,
                               deterministic=True, heads=objective.heads)
         loss_sum, weight, sums = objective.loss(outputs, batch)
         return {"loss_sum": loss_sum, "weight": weight, **sums}

@@ -33,7 +33,7 @@ METHODS = ("linear_probe", "freeze", "bitfit", "layerwise_lr_decay", "lora", "ad
 LABEL_FRACTIONS = [0.01, 0.1, 1.0]
 SCALES = {
     # size, MLM steps, supervised steps, batch, seeds, MiniLM, lr_scale, RAG, search.
-    "demo": dict(size="tiny", mlm_steps=1200, steps=200, batch=32, seeds=[0],
+    "demo": dict(size="tiny", mlm_steps=1200, steps=150, batch=32, seeds=[0],
                  minilm_steps=40, minilm_methods=["lora"], lr_scale=15.0, rag="runlocal",
                  rag_steps=800, search_trials=3),
     "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=[0, 1, 2],
@@ -48,12 +48,16 @@ def get_ablation(arg=None):
         raise ValueError(f"scale={arg.scale!r}; expected one of {sorted(SCALES)}")
     s = SCALES[arg.scale]
     pretrained = "{workdir}/pretrain/seed=0"
+    # The demo's final evaluation: 20 batches of 64 per split (1,280 glosses).
     evals = {"train.eval_steps": 8, "train.final_eval_steps": -1 if arg.scale == "full"
-             else 40, "train.log_every": 50}
+             else 20, "train.log_every": 50}
     supervised = {"data.batch_size": s["batch"], "train.num_steps": s["steps"],
                   "train.eval_every": s["steps"], "train.checkpoint_every": s["steps"],
                   "optim.warmup_steps": s["steps"] // 10, **evals}
-    finetune = f"configs/finetune.py:size={s['size']},lr_scale={s['lr_scale']}"
+    # method=freeze: the bottom half of the blocks (and the embeddings) frozen.
+    half = common.MODEL_SIZES[s["size"]]["num_layers"] // 2
+    finetune = (f"configs/finetune.py:size={s['size']},lr_scale={s['lr_scale']},"
+                f"freeze_blocks={half}")
     seeds = dict(seeds=s["seeds"])
     return dict(report="stages", parts=[
         dict(name="pretrain", title="MLM pre-training",

@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from configs.common import model_config
+from configs.common import LOGICAL_AXIS_RULES, base_config, model_config
 from model.attention import dot_product_attention, make_attention_mask
 from model.transformer import Model, resolve
+from train import partitioning
+from train.config_checks import validate
 
 
 def reference_mask(segment_ids, mode, prefix_mask=None):
@@ -141,3 +144,129 @@ def test_rematerialisation_keeps_outputs_and_gradients(remat):
     for a, b in zip(jax.tree_util.tree_leaves(grads(plain)),
                     jax.tree_util.tree_leaves(grads(recomputed))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Attention kernels (config.model.attention_impl) against the einsum reference.
+# ----------------------------------------------------------------------------------------
+
+KERNEL_SEQ = 128  # Splash tiles in blocks of 128: the smallest length it takes.
+# Two packed sequences then padding; one sequence filling the row.
+KERNEL_SEGMENTS = np.array([[1] * 90 + [2] * 30 + [0] * 8, [1] * KERNEL_SEQ], np.int32)
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def kernel_inputs(dtype=jnp.float32):
+    rng = np.random.default_rng(5)
+    return [jnp.asarray(rng.normal(size=(2, KERNEL_SEQ, 2, 8)), dtype) for _ in range(3)]
+
+
+def attention_and_grads(impl, mode, inputs, **kwargs):
+    """Output and d(loss)/d(q, k, v), the loss counting real (non-padding) queries only:
+    padding queries' outputs are undefined (each kernel fills them differently)."""
+    segments = jnp.asarray(KERNEL_SEGMENTS)
+    mask = make_attention_mask(segments, mode)
+    real = (segments > 0)[:, :, None, None]
+    cotangent = jax.random.normal(jax.random.key(0), inputs[0].shape)
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, mask, impl=impl, segment_ids=segments,
+                                    mask_mode=mode, dtype=q.dtype, **kwargs)
+        return (out.astype(jnp.float32) * cotangent * real).sum(), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*inputs)
+    return np.asarray(out, np.float32) * np.asarray(real), [np.asarray(g, np.float32)
+                                                            for g in grads]
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+@pytest.mark.parametrize("impl, kwargs", [
+    ("dot_product", {}),
+    ("splash", dict(interpret=True)),  # The Pallas interpreter: the TPU kernel on CPU.
+    ("auto", {}),
+    pytest.param("cudnn", {}, marks=pytest.mark.skipif(not ON_GPU, reason="cuDNN: GPU only")),
+])
+def test_kernel_matches_einsum_reference(impl, kwargs, mode):
+    dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32  # cuDNN: 16-bit only.
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    inputs = kernel_inputs(dtype)
+    want_out, want_grads = attention_and_grads("xla", mode, inputs)
+    got_out, got_grads = attention_and_grads(impl, mode, inputs, **kwargs)
+    np.testing.assert_allclose(got_out, want_out, rtol=tol, atol=tol)
+    for got, want in zip(got_grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_splash_runs_per_shard_on_a_mesh():
+    """Under a (data, fsdp, tensor) mesh splash runs in a shard_map over batch and heads;
+    the result is the same attention."""
+    mesh = partitioning.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.normal(size=(4, KERNEL_SEQ, 2, 8)), jnp.float32)
+               for _ in range(3))
+    segments = jnp.asarray(np.concatenate([KERNEL_SEGMENTS, KERNEL_SEGMENTS[::-1]]))
+    mask = make_attention_mask(segments, "causal")
+    real = np.asarray(segments > 0)
+
+    def attend(impl, q, k, v):
+        return dot_product_attention(q, k, v, mask, impl=impl, segment_ids=segments,
+                                     mask_mode="causal", interpret=True)
+
+    want = attend("xla", q, k, v)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        got = jax.jit(attend, static_argnums=0)("splash", q, k, v)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real],
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["splash", "cudnn"])
+def test_kernel_off_its_platform_names_the_key_and_platform(impl):
+    platform = jax.default_backend()
+    if platform == {"splash": "tpu", "cudnn": "gpu"}[impl]:
+        pytest.skip(f"{impl} runs here")
+    model = tiny_model(attention_impl=impl)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match=rf"attention_impl='{impl}'.*platform is '{platform}'"):
+        model.init(jax.random.key(0), tokens)
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(mask_mode="prefix"), "attention_mask='prefix'"),
+    (dict(segment_ids=None), "explicit attention mask"),
+    (dict(deterministic=False, dropout_rate=0.1), "attention_dropout=0.1"),
+    (dict(seq=64), "multiple of 128, got 64"),
+])
+def test_splash_refuses_what_it_cannot_express(case, match):
+    case = dict(case)
+    seq = case.pop("seq", KERNEL_SEQ)
+    q = jnp.zeros((1, seq, 2, 8))
+    segments = jnp.ones((1, seq), jnp.int32)
+    args = dict(segment_ids=segments, mask_mode="causal", dropout_rng=jax.random.key(0))
+    args.update(case)
+    mask = make_attention_mask(segments, "causal")
+    with pytest.raises(ValueError, match=rf"attention_impl='splash': .*{match}"):
+        dot_product_attention(q, q, q, mask, impl="splash", interpret=True, **args)
+
+
+def test_auto_falls_back_to_the_einsum_where_no_kernel_applies():
+    # On CPU no kernel runs; anywhere, attention dropout in training rules them out.
+    q, k, v = kernel_inputs()
+    segments = jnp.asarray(KERNEL_SEGMENTS)
+    mask = make_attention_mask(segments, "causal")
+    args = dict(segment_ids=segments, mask_mode="causal", deterministic=False,
+                dropout_rate=0.5, dropout_rng=jax.random.key(1))
+    np.testing.assert_array_equal(dot_product_attention(q, k, v, mask, impl="auto", **args),
+                                  dot_product_attention(q, k, v, mask, impl="xla", **args))
+
+
+def test_config_checks_refuse_kernel_with_attention_dropout():
+    config = base_config()
+    config.model.attention_impl = "cudnn"
+    with pytest.raises(ValueError, match="attention_impl='cudnn'.*attention_dropout=0.1"):
+        validate(config)
+    config.model.attention_dropout = 0.0
+    validate(config)
+    config.model.attention_impl = "splash"
+    config.model.attention_mask = "prefix"
+    with pytest.raises(ValueError, match="'splash' cannot express .*attention_mask='prefix'"):
+        validate(config)
