@@ -12,6 +12,11 @@ shared transformer as a prefix-LM generator trained RAFT style through the norma
 (task "prefix_lm"); retrieval/rag_run.py runs it all and writes results.json.
 Arguments: `runlocal` (a 1,000-passage KB, hypernym questions, a tiny model: minutes on
 a CPU), `size=`.
+
+`--config.rag.reretrieve_every=N` (0: off) re-retrieves during decoding: every N answer
+pieces the unfinished answers search again with question + " " + the answer so far and
+decode on over the newly packed passages (retrieval/rag.py `Rag`); results.json then adds
+a "rag_reretrieve" mode, and launch.ask uses it.
 """
 
 import ml_collections
@@ -54,6 +59,9 @@ def get_config(arg=None):
         new_info_passages=200,  # Test passages held out of the index, then upserted.
         encode_batch_size=64,
         decode_batch_size=64,
+        # Re-retrieve every N generated answer pieces with the answer so far added to
+        # the query; 0: retrieve once, before decoding.
+        reretrieve_every=0,
     ))
     if arg.runlocal:
         common.apply_runlocal(c)  # The tiny model.

@@ -12,6 +12,9 @@ attention layer takes the cache it is given), so each step reads no empty slots.
 
 The prompt is processed once (one `decode=True` forward over [batch, P], bidirectional
 over the prompt for `attention_mask="prefix"`, causal otherwise), then one token per step.
+`prefix_lengths` makes only the start of each prompt bidirectional: the rest is an answer
+already begun (forced), read causally, so decoding can stop, change the prefix (RAG's
+re-retrieval, retrieval/rag.py) and go on where it stopped.
 `generate_without_cache` re-runs the full forward over the growing sequence instead: the
 reference the cache is tested against and the benchmark's baseline.
 
@@ -170,18 +173,27 @@ def _cache_slots(cache):
     return max(x.shape[1] for x in jax.tree.leaves(cache) if x.ndim)
 
 
-def _prefill(model, params, tokens, pads, config):
+def _prefix_ends(length, prompt_lengths, prefix_lengths):
+    """The slot [batch] where each left-aligned row's bidirectional prefix ends: the whole
+    prompt (`length`) unless `prefix_lengths` leaves a causal tail (a forced answer)."""
+    if prefix_lengths is None:
+        return jnp.full(prompt_lengths.shape, length, jnp.int32)
+    return length - (prompt_lengths - prefix_lengths).astype(jnp.int32)
+
+
+def _prefill(model, params, tokens, pads, prefix_ends, config):
     """One decode=True forward over the left-aligned prompts [batch, P]: fills cache slots
     [0, P) of a new cache [batch, P + N - 1, ...] and returns (logits of the first new
-    token [batch, vocab], cache)."""
+    token [batch, vocab], cache). In prefix-LM mode slots before `prefix_ends` [batch]
+    see each other; the rest of the prompt, like the new tokens, is causal."""
     batch, length = tokens.shape
     slots = length + config.max_new_tokens - 1  # The last new token is never fed.
     query = jnp.arange(length)[:, None]
     key = jnp.arange(slots)[None, :]
-    order = key <= query
-    if model.cfg.attention_mask == "prefix":  # The whole prompt sees itself.
-        order = order | (key < length)
-    mask = order[None] & (key >= pads[:, None, None])  # [batch, P, slots]
+    order = (key <= query)[None]
+    if model.cfg.attention_mask == "prefix":  # The prefix sees itself whole.
+        order = order | (key < prefix_ends[:, None, None])
+    mask = order & (key >= pads[:, None, None])  # [batch, P, slots]
     positions = jnp.maximum(jnp.arange(length)[None, :] - pads[:, None], 0)
     cache = _empty_cache(model, batch, slots)
     logits, variables = model.apply(
@@ -341,17 +353,18 @@ def _beam_loop(model, params, cache, first_logits, prompt_len, pads, config):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def beam_search(model, params, prompts, prompt_lengths, config):
+def beam_search(model, params, prompts, prompt_lengths, config, prefix_lengths=None):
     """All beams: tokens [batch, beam, N] best first, scores [batch, beam] (length-
     penalised, what ranks them) and total log-probs [batch, beam]. See `generate`."""
     _check(model, prompts, config)
     tokens, pads = left_align(prompts, prompt_lengths, config.pad_id)
-    first_logits, cache = _prefill(model, params, tokens, pads, config)
+    prefix_ends = _prefix_ends(tokens.shape[1], prompt_lengths, prefix_lengths)
+    first_logits, cache = _prefill(model, params, tokens, pads, prefix_ends, config)
     return _beam_loop(model, params, cache, first_logits, tokens.shape[1], pads, config)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def generate(model, params, prompts, prompt_lengths, config, rng=None):
+def generate(model, params, prompts, prompt_lengths, config, rng=None, prefix_lengths=None):
     """Continues each prompt with up to `config.max_new_tokens` tokens, using the KV cache.
 
     Args:
@@ -361,6 +374,11 @@ def generate(model, params, prompts, prompt_lengths, config, rng=None):
       prompt_lengths: int [batch], each >= 1 (a padding mask gives `mask.sum(-1)`).
       config: a DecodeConfig.
       rng: a PRNG key; "sample" draws token s with `fold_in(rng, s)`.
+      prefix_lengths: int [batch], 1 <= prefix_lengths <= prompt_lengths ("prefix"
+        models; default the whole prompt): how many of each prompt's tokens form the
+        bidirectional prefix. The rest of the prompt is read causally, like generated
+        tokens: an answer begun by an earlier call continues exactly as if decoded in
+        one go (as in training, where the answer follows the prefix causally).
     Returns:
       tokens int [batch, N]: a row stops after its EOS and emits `pad_id` from then on;
       log_probs float32 [batch]: the model's total log-probability of each row's tokens up
@@ -371,7 +389,8 @@ def generate(model, params, prompts, prompt_lengths, config, rng=None):
         raise ValueError("DecodeConfig.strategy='sample' needs an rng key")
     tokens, pads = left_align(prompts, prompt_lengths, config.pad_id)
     length = tokens.shape[1]
-    first_logits, cache = _prefill(model, params, tokens, pads, config)
+    prefix_ends = _prefix_ends(length, prompt_lengths, prefix_lengths)
+    first_logits, cache = _prefill(model, params, tokens, pads, prefix_ends, config)
     if config.strategy == "beam":
         seqs, _, log_prob = _beam_loop(model, params, cache, first_logits, length, pads,
                                        config)
@@ -384,7 +403,8 @@ def generate(model, params, prompts, prompt_lengths, config, rng=None):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def generate_without_cache(model, params, prompts, prompt_lengths, config, rng=None):
+def generate_without_cache(model, params, prompts, prompt_lengths, config, rng=None,
+                           prefix_lengths=None):
     """`generate` (greedy or sampling) without the KV cache: every step re-runs the full
     forward (decode=False, masks from segment ids as in training) over a fixed buffer
     [batch, P + N] holding the prompt and the tokens so far; not-yet-written slots are
@@ -400,7 +420,8 @@ def generate_without_cache(model, params, prompts, prompt_lengths, config, rng=N
     positions = jnp.maximum(slots - pads[:, None], 0)
     prefix_mask = None
     if model.cfg.attention_mask == "prefix":
-        prefix_mask = jnp.broadcast_to(slots < length, (batch, length + n))
+        prefix_ends = _prefix_ends(length, prompt_lengths, prefix_lengths)
+        prefix_mask = slots < prefix_ends[:, None]  # [batch, P + N]
     buffer = jnp.pad(aligned, ((0, 0), (0, n)), constant_values=config.pad_id)
 
     def full_forward(buffer, step):

@@ -11,6 +11,12 @@ question with its passages into the prefix of the shared transformer in prefix-L
 (train/data/prefix_lm.py: the question is never truncated) and decodes with the KV cache
 (model/decoding.py), a fixed [batch, prompt] shape so one compilation serves every call.
 
+Re-retrieval during decoding (`Rag(..., reretrieve_every=N)`, config.rag.reretrieve_every):
+every N answer pieces, the unfinished rows search again with the question plus their
+answer so far, and decode on from a prompt re-packed with the new passages, the pieces
+so far kept causal after it (`prefix_lengths` of model/decoding.py). `Answer.rounds`
+holds each retrieval's query and citations; `Answer.citations` is the last round's.
+
 Scoring follows SQuAD: answers are lower-cased, stripped of punctuation and articles;
 exact match and token F1 take the best over the gold answers.
 """
@@ -104,11 +110,23 @@ class Retriever:
 # --- Generation ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
+class RetrievalRound:
+    """One retrieval behind an answer: the query, how many answer pieces were decoded
+    before it, and the (passage id, score) pairs it packed into the prompt."""
+    query: str
+    after_tokens: int
+    citations: list[tuple[str, float | None]]
+
+
+@dataclasses.dataclass
 class Answer:
     question: str
     answer: str
-    # (passage id, retrieval score or None when not retrieved) packed into the prompt.
+    # (passage id, retrieval score or None when not retrieved) packed into the prompt
+    # that produced the answer's last pieces (the final retrieval round).
     citations: list[tuple[str, float | None]]
+    # Every retrieval, in order (one without re-retrieval; none for `answer_with`).
+    rounds: list[RetrievalRound] = dataclasses.field(default_factory=list)
 
 
 class Generator:
@@ -124,69 +142,136 @@ class Generator:
             strategy="greedy", max_new_tokens=max_answer_tokens + 1,
             eos_id=tokenizer.sep_id, pad_id=tokenizer.pad_id)
 
-    def prompts(self, questions, passages) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """questions [n], passages [n][m] texts (best first) -> (prompts int32 [n, budget]
-        right-padded, lengths [n], passages used per question [n])."""
+    def prompts(self, questions, passages, answers=None):
+        """questions [n], passages [n][m] texts (best first), answers [n] answer pieces
+        already decoded (default none) -> (prompts int32 [n, budget + longest answer]
+        right-padded: packed question and passages, then the answer so far; lengths [n];
+        prefix lengths [n]: the packed part, the bidirectional prefix; passages used [n])."""
         tok = self.tokenizer
-        tokens = np.full((len(questions), self.budget), tok.pad_id, np.int32)
-        lengths, used = np.zeros((len(questions),), np.int32), []
-        for row, (question, texts) in enumerate(zip(questions, passages)):
+        answers = [[] for _ in questions] if answers is None else answers
+        width = self.budget + max((len(a) for a in answers), default=0)
+        tokens = np.full((len(questions), width), tok.pad_id, np.int32)
+        lengths = np.zeros((len(questions),), np.int32)
+        prefix_lengths, used = np.zeros((len(questions),), np.int32), []
+        for row, (question, texts, answer) in enumerate(zip(questions, passages, answers)):
             question_ids, *passage_ids = tok.encode_batch([question, *texts])
             prompt, count = prefix_lm.pack_prompt(question_ids, passage_ids, self.budget,
                                                   tok.cls_id, tok.sep_id)
-            tokens[row, :len(prompt)] = prompt
-            lengths[row] = len(prompt)
+            tokens[row, :len(prompt) + len(answer)] = [*prompt, *answer]
+            lengths[row], prefix_lengths[row] = len(prompt) + len(answer), len(prompt)
             used.append(count)
-        return tokens, lengths, used
+        return tokens, lengths, prefix_lengths, used
+
+    def generate_ids(self, questions, passages, answers=None, max_new_tokens=None):
+        """Decodes (batched, fixed shapes) -> (answer pieces [n]: `answers[i]` (kept, read
+        causally after the prefix) then up to `max_new_tokens` (default the whole
+        answer's max_answer_tokens + 1) new ones, ending at [SEP] when one was emitted;
+        passages used per question [n])."""
+        tokens, lengths, prefix_lengths, used = self.prompts(questions, passages, answers)
+        config = self.decode_config if max_new_tokens is None else \
+            dataclasses.replace(self.decode_config, max_new_tokens=max_new_tokens)
+        sep = self.tokenizer.sep_id
+        out = []
+        for start in range(0, len(questions), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            rows = [tokens[chunk], lengths[chunk], prefix_lengths[chunk]]
+            real = rows[0].shape[0]
+            if real < self.batch_size:  # Pad the batch: one compiled shape for all calls.
+                rows = [np.concatenate([x, np.repeat(x[:1], self.batch_size - real, axis=0)])
+                        for x in rows]
+            new, _ = generate(self.model, self.params, jnp.asarray(rows[0]),
+                              jnp.asarray(rows[1]), config,
+                              prefix_lengths=jnp.asarray(rows[2]))
+            for row in np.asarray(new)[:real]:
+                ids = [int(t) for t in row]  # Padding only after [SEP]: before, a token.
+                out.append(ids[:ids.index(sep) + 1] if sep in ids else ids)
+        answers = [[] for _ in questions] if answers is None else answers
+        return [[*answer, *ids] for answer, ids in zip(answers, out)], used
+
+    def text(self, ids) -> str:
+        """Answer pieces -> text: cut at [SEP], padding dropped."""
+        ids = list(ids)
+        if self.tokenizer.sep_id in ids:
+            ids = ids[:ids.index(self.tokenizer.sep_id)]
+        return self.tokenizer.decode([t for t in ids if t != self.tokenizer.pad_id]).strip()
 
     def generate(self, questions, passages) -> tuple[list[str], list[int]]:
         """-> (answer texts [n], passages used per question [n]); batched, fixed shapes."""
-        tokens, lengths, used = self.prompts(questions, passages)
-        answers = []
-        for start in range(0, len(questions), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            batch_tokens, batch_lengths = tokens[chunk], lengths[chunk]
-            real = batch_tokens.shape[0]
-            if real < self.batch_size:  # Pad the batch: one compiled shape for all calls.
-                pad = self.batch_size - real
-                batch_tokens = np.concatenate([batch_tokens, np.repeat(batch_tokens[:1], pad,
-                                                                       axis=0)])
-                batch_lengths = np.concatenate([batch_lengths, np.repeat(batch_lengths[:1],
-                                                                         pad)])
-            out, _ = generate(self.model, self.params, jnp.asarray(batch_tokens),
-                              jnp.asarray(batch_lengths), self.decode_config)
-            for row in np.asarray(out)[:real]:
-                ids = [int(t) for t in row]
-                if self.tokenizer.sep_id in ids:
-                    ids = ids[:ids.index(self.tokenizer.sep_id)]
-                answers.append(self.tokenizer.decode(
-                    [t for t in ids if t != self.tokenizer.pad_id]).strip())
-        return answers, used
+        ids, used = self.generate_ids(questions, passages)
+        return [self.text(row) for row in ids], used
 
 
 # --- The loop -----------------------------------------------------------------------------
 
 class Rag:
-    """Retriever + generator: questions in, answers with citations out (batched)."""
+    """Retriever + generator: questions in, answers with citations out (batched).
 
-    def __init__(self, retriever: Retriever, generator: Generator):
+    `reretrieve_every` N > 0 (config.rag.reretrieve_every): decode N answer pieces at a
+    time; before each further chunk, the rows still without [SEP] retrieve again with
+    the question + " " + their answer so far, the prompt is re-packed with the new
+    passages (same packing) and decoding goes on with the pieces so far kept, causal
+    after the new prefix, as the generator saw answers in training. Re-retrieval
+    happens only before an answer piece (not before the closing [SEP] slot), so
+    N >= max_answer_tokens is one round: plain RAG. Each round decodes a fixed
+    [batch, budget + pieces so far] shape, so a call compiles once per round number.
+    """
+
+    def __init__(self, retriever: Retriever, generator: Generator, reretrieve_every: int = 0):
         self.retriever, self.generator = retriever, generator
+        self.reretrieve_every = reretrieve_every
 
-    def answer(self, questions, k: int) -> list[Answer]:
+    def answer(self, questions, k: int, reretrieve_every: int | None = None) -> list[Answer]:
+        """Top-k retrieval then decoding; `reretrieve_every` overrides the Rag's."""
+        every = self.reretrieve_every if reretrieve_every is None else reretrieve_every
+        if every < 0:
+            raise ValueError(f"reretrieve_every={every}; expected >= 0 (0 = off)")
+        if every:
+            return self._answer_reretrieving(list(questions), k, every)
         scores, ids = self.retriever.search(list(questions), k)
-        return self.answer_with(questions, ids, scores)
+        answers = self.answer_with(questions, ids, scores)
+        for a in answers:  # The one retrieval, recorded as re-retrieval records each.
+            a.rounds = [RetrievalRound(a.question, 0, list(a.citations))]
+        return answers
 
     def answer_with(self, questions, ids, scores=None) -> list[Answer]:
         """Answers from given passage ids [n][m] (retrieved, oracle, or none: [[]] * n)."""
         passages = [[self.retriever.passages[i] for i in row] for row in ids]
         texts, used = self.generator.generate(list(questions), passages)
-        out = []
-        for row, (question, text, count) in enumerate(zip(questions, texts, used)):
-            row_scores = [None] * len(ids[row]) if scores is None else \
-                [float(s) for s in scores[row]]
-            out.append(Answer(question, text, list(zip(map(str, list(ids[row])[:count]),
-                                                       row_scores[:count]))))
-        return out
+        return [Answer(question, text, _citations(ids[row], None if scores is None
+                                                  else scores[row], count))
+                for row, (question, text, count) in enumerate(zip(questions, texts, used))]
+
+    def _answer_reretrieving(self, questions, k, every) -> list[Answer]:
+        gen, sep = self.generator, self.generator.tokenizer.sep_id
+        total = gen.decode_config.max_new_tokens  # max_answer_tokens + [SEP].
+        pieces = [[] for _ in questions]
+        rounds = [[] for _ in questions]
+        active = list(range(len(questions)))  # Rows without [SEP] yet.
+        for start in range(0, max(gen.max_answer_tokens, 1), every):
+            last = start + every >= gen.max_answer_tokens
+            queries = [" ".join(filter(None, [questions[i], gen.text(pieces[i])]))
+                       for i in active]
+            scores, ids = self.retriever.search(queries, k)
+            passages = [[self.retriever.passages[p] for p in row] for row in ids]
+            out, used = gen.generate_ids([questions[i] for i in active], passages,
+                                         [pieces[i] for i in active],
+                                         total - start if last else every)
+            for row, i in enumerate(active):
+                pieces[i] = out[row]
+                rounds[i].append(RetrievalRound(queries[row], start, _citations(
+                    ids[row], scores[row], used[row])))
+            active = [i for i in active if sep not in pieces[i]]
+            if last or not active:
+                break
+        return [Answer(q, gen.text(p), list(r[-1].citations), r)
+                for q, p, r in zip(questions, pieces, rounds)]
+
+
+def _citations(ids, scores, count) -> list[tuple[str, float | None]]:
+    """The first `count` (packed) passages' (id, score); scores None: not retrieved."""
+    ids = [str(i) for i in list(ids)[:count]]
+    return list(zip(ids, [None] * len(ids) if scores is None
+                    else [float(s) for s in list(scores)[:count]]))
 
 
 def score_answers(answers: list[Answer], gold_answers) -> dict:

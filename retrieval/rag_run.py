@@ -7,8 +7,10 @@
                          the encoder's fingerprint (retrieval/index_store.py)
     W/qa/*.jsonl         generator examples: question, retrieved passages, answer
     W/generator/         the generator's run (the normal train loop, task "prefix_lm")
-    W/results.json       EM / F1 closed-book, RAG (exact, ScaNN), oracle; recall@k; the
-                         new-information experiment; timings
+    W/results.json       EM / F1 closed-book, RAG (exact, ScaNN), oracle, and with
+                         `rag.reretrieve_every` > 0 RAG re-retrieving during decoding
+                         ("rag_reretrieve"); recall@k; the new-information experiment;
+                         timings
 
 1. Knowledge base and questions (retrieval/wordnet_qa.py), split by synset.
 2. Index: every passage embedded with the retriever encoder (all-MiniLM-L6-v2); built or
@@ -28,6 +30,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -152,7 +156,8 @@ def load_rag(workdir) -> tuple[rag_lib.Rag, ml_collections.ConfigDict]:
                        expected_fingerprint=encoder_fingerprint(encoder[0]))
     retriever = rag_lib.Retriever(encoder, saved.index, saved.passages,
                                   batch_size=config.rag.encode_batch_size)
-    return rag_lib.Rag(retriever, load_generator(os.path.join(workdir, "generator"))), config
+    return rag_lib.Rag(retriever, load_generator(os.path.join(workdir, "generator")),
+                       reretrieve_every=config.rag.get("reretrieve_every", 0)), config
 
 
 def _tokenizer_path(config, workdir, passages, train_questions):
@@ -183,6 +188,9 @@ def run(config, workdir):
     from train import loop
 
     rc, timings = config.rag, {}
+    if rc.get("reretrieve_every", 0) < 0:  # Before the hours of training, not after.
+        raise ValueError(f"config.rag.reretrieve_every={rc.reretrieve_every}; expected >= 0 "
+                         f"(0 = off)")
     os.makedirs(workdir, exist_ok=True)
     start = time.perf_counter()
     passages, questions, train_passages = knowledge_base(config)
@@ -296,24 +304,36 @@ def run(config, workdir):
     retrieval[f"index_vs_exact/recall@{deep}"] = float(np.mean(
         [len(set(a) & set(b)) / deep for a, b in zip(scann_ids, exact_ids)]))
 
-    modes = {"closed_book": ([[] for _ in test_q], None),
-             "rag_exact": (exact_ids[:, :k], exact_scores),
-             "rag_index": (scann_ids[:, :k], scann_scores[:, :k]),
-             "oracle": ([[i] for i in gold_ids], None)}
+    texts = [q.question for q in test_q]
+    modes = {"closed_book": functools.partial(rag.answer_with, texts, [[] for _ in test_q]),
+             "rag_exact": functools.partial(rag.answer_with, texts, exact_ids[:, :k],
+                                            exact_scores),
+             "rag_index": functools.partial(rag.answer_with, texts, scann_ids[:, :k],
+                                            scann_scores[:, :k]),
+             "oracle": functools.partial(rag.answer_with, texts, [[i] for i in gold_ids])}
+    every = rc.get("reretrieve_every", 0)
+    if every:  # Searches the index (as rag_index), again every `every` answer pieces.
+        modes["rag_reretrieve"] = functools.partial(rag.answer, texts, k,
+                                                    reretrieve_every=every)
     scores, samples = {}, {}
-    for mode, (ids, mode_scores) in modes.items():
+    for mode, answer_all in modes.items():
         t = time.perf_counter()
-        answers = rag.answer_with([q.question for q in test_q], ids, mode_scores)
+        answers = answer_all()
         scores[mode] = rag_lib.score_answers(answers, gold)
+        if mode == "rag_reretrieve":
+            scores[mode].update(_reretrieval_stats(answers, gold_ids), reretrieve_every=every)
         scores[mode]["questions_per_s"] = len(test_q) / (time.perf_counter() - t)
         scores[mode]["by_kind"] = {
             kind: rag_lib.score_answers([a for a, q in zip(answers, test_q) if q.kind == kind],
                                         [q.answers for q in test_q if q.kind == kind])
             for kind in sorted({q.kind for q in test_q})}
         samples[mode] = [{"question": a.question, "answer": a.answer, "gold": list(g),
-                          "citations": a.citations} for a, g in zip(answers[:5], gold)]
+                          "citations": a.citations}
+                         | ({"rounds": [dataclasses.asdict(r) for r in a.rounds]}
+                            if mode == "rag_reretrieve" else {})
+                         for a, g in zip(answers[:5], gold)]
     t = time.perf_counter()
-    rag.answer([q.question for q in test_q], k)
+    rag.answer(texts, k)
     timings["end_to_end_questions_per_s"] = len(test_q) / (time.perf_counter() - t)
 
     results = {
@@ -328,6 +348,20 @@ def run(config, workdir):
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     return results
+
+
+def _reretrieval_stats(answers, gold_ids) -> dict:
+    """Rounds per answer, how often a later round changed the passages, and whether the
+    gold passage was cited in any round / in the first round."""
+    changed = [len({tuple(c for c, _ in r.citations) for r in a.rounds}) > 1 for a in answers]
+    return {
+        "mean_rounds": float(np.mean([len(a.rounds) for a in answers])) if answers else 0.0,
+        "passages_changed": float(np.mean(changed)) if answers else 0.0,
+        "gold_passage_cited_first_round": rag_lib.recall_at_k(
+            [[c for c, _ in a.rounds[0].citations] for a in answers], gold_ids),
+        "gold_passage_cited_any_round": rag_lib.recall_at_k(
+            [[c for r in a.rounds for c, _ in r.citations] for a in answers], gold_ids),
+    }
 
 
 def _evaluate_rag(rag, questions, k) -> dict:

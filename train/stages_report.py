@@ -157,14 +157,32 @@ def _label_rows(runs):
     return rows
 
 
+def _format_epochs(epochs):
+    return f"{epochs:.0f}" if epochs >= 10 else f"{epochs:.2g}"
+
+
+def _epochs(runs, part, examples):
+    """Passes over the labelled examples: steps x batch / examples (from a trial's
+    config.json), or None."""
+    for _, results, trial_dir in _finished(runs, part):
+        path = os.path.join(trial_dir, "config.json")
+        if examples and os.path.exists(path):
+            with open(path) as f:
+                batch = json.load(f)["data"]["batch_size"]
+            return results.get("step", 0) * batch / examples
+    return None
+
+
 def _data_requirement(workdir, runs):
     rows = _label_rows(runs)
     if not rows:
         return "## 1. Data requirement\n\nNot run."
+    epochs = _epochs(runs, "scratch", 1) or _epochs(runs, "finetune", 1)  # Examples seen.
     table = _table(
-        ["labels", "examples", "scratch: test acc", "macro-F1", "pre-trained: test acc",
-         "macro-F1", "gain (acc points)"],
-        [(f"{100 * f:g}%", n or "–", _pct([_value(r, "test/accuracy") for r in s]),
+        ["labels", "examples", "epochs", "scratch: test acc", "macro-F1",
+         "pre-trained: test acc", "macro-F1", "gain (acc points)"],
+        [(f"{100 * f:g}%", n or "–", _format_epochs(epochs / n) if epochs and n else "–",
+          _pct([_value(r, "test/accuracy") for r in s]),
           _num([_value(r, "test/macro_f1") for r in s]),
           _pct([_value(r, "test/accuracy") for r in t]),
           _num([_value(r, "test/macro_f1") for r in t]),
@@ -174,7 +192,10 @@ def _data_requirement(workdir, runs):
         "## 1. Data requirement: from scratch vs pre-train then fine-tune",
         "",
         "Same model, steps, batch and seeds; only the initialisation differs (random vs "
-        "the MLM checkpoint of part `pretrain`). Supersense classification, 45 classes.",
+        "the MLM checkpoint of part `pretrain`). Supersense classification, 45 classes. "
+        "Epochs = examples seen (steps × batch) / labelled examples: where it is below 1, "
+        "more labels cannot help at this budget and differences between those rows are "
+        "noise of one short run.",
         "",
         table,
         "",

@@ -90,6 +90,34 @@ def test_cached_greedy_equals_full_recompute(mode, peft):
         np.testing.assert_array_equal(cached[row], want)
 
 
+@pytest.mark.parametrize("fn", [decoding.generate, decoding.generate_without_cache])
+def test_prefix_lengths_leave_the_rest_of_the_prompt_causal(fn):
+    """A prompt's tail past `prefix_lengths` (a forced answer) is read causally, as in
+    training; continuing from a decoded start gives the rest of one-shot decoding."""
+    model, params = tiny_model(mode="prefix")
+    prefix = np.array([3, 2, 1])  # Of LENGTHS 6, 2, 4: tails 3, 0 (all prefix) and 3.
+    tokens, log_probs = map(np.asarray, fn(
+        model, params, jnp.asarray(PROMPTS), jnp.asarray(LENGTHS),
+        DecodeConfig(max_new_tokens=5, eos_id=None), prefix_lengths=jnp.asarray(prefix)))
+    for row, length in enumerate(LENGTHS):  # The training layout's mask, row alone.
+        seq, want = list(PROMPTS[row, :length]), 0.0
+        for step in range(5):
+            step_log_probs = next_log_probs(model, params, seq, prefix[row])
+            assert tokens[row, step] == np.argmax(step_log_probs)
+            want += step_log_probs[tokens[row, step]]
+            seq.append(int(tokens[row, step]))
+        np.testing.assert_allclose(log_probs[row], want, rtol=1e-4)
+
+    one_shot, _ = decode(fn, model, params, DecodeConfig(max_new_tokens=6, eos_id=None))
+    forced = np.zeros((3, 8), np.int32)  # Each prompt, then its first 2 decoded tokens.
+    for row, length in enumerate(LENGTHS):
+        forced[row, :length + 2] = [*PROMPTS[row, :length], *one_shot[row, :2]]
+    rest, _ = fn(model, params, jnp.asarray(forced), jnp.asarray(LENGTHS + 2),
+                 DecodeConfig(max_new_tokens=4, eos_id=None),
+                 prefix_lengths=jnp.asarray(LENGTHS))
+    np.testing.assert_array_equal(np.asarray(rest), one_shot[:, 2:])
+
+
 def test_cached_sampling_equals_full_recompute():
     model, params = tiny_model()
     config = DecodeConfig(strategy="sample", max_new_tokens=8, temperature=1.5, top_k=20,

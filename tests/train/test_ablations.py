@@ -108,6 +108,8 @@ class FakeTrainer:
                        "peak_memory": {"compiled_step_bytes": 2 ** 20}}
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json())
 
 
 def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
@@ -121,9 +123,10 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
 
     report = open(os.path.join(workdir, "report.md")).read()
     # Data requirement: 1% of labels -> 0.302 scratch, 0.402 pre-trained: +10.0 points.
-    assert re.search(r"\| 1% \| 10 \| 30\.2% \| 0\.151 \| 40\.2% \| 0\.201 \| \+10\.0 \|",
-                     report), report
-    assert "| 100% | 1000 | 50.0% |" in report
+    # Epochs: 150 steps x batch 32 / 10 examples = 480 (config.json the trainer wrote).
+    assert re.search(r"\| 1% \| 10 \| 480 \| 30\.2% \| 0\.151 \| 40\.2% \| 0\.201 \| "
+                     r"\+10\.0 \|", report), report
+    assert "| 100% | 1000 | 4.8 | 50.0% |" in report
     assert "Closed-book vs RAG\n\nNot run." in report  # The failed part, not a crash.
     assert "1,000 (1.00%)" in report  # Trainable share of a PEFT method.
     for png in ("data_requirement.png", "methods.png"):

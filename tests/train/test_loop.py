@@ -23,6 +23,7 @@ def runlocal_config(data_dir, **train):
     config = scratch.get_config("runlocal")
     config.data.data_dir = str(data_dir)
     config.train.progress = False
+    config.train.final_eval_steps = 8  # 512 examples a split: whole splits take minutes.
     config.train.update(train)
     return config
 
@@ -97,7 +98,8 @@ def wait_for_checkpoint(workdir, step, process, timeout=240):
 
 
 RESUME = ("--config.train.num_steps=40", "--config.train.checkpoint_every=10",
-          "--config.train.eval_every=20", "--config.train.log_every=5")
+          "--config.train.eval_every=20", "--config.train.log_every=5",
+          "--config.train.final_eval_steps=4")  # Not the whole splits: seconds, not minutes.
 
 
 @pytest.mark.slow
