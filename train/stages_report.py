@@ -220,7 +220,7 @@ def _plot_data_requirement(path, rows):
             f, m, s = map(np.array, zip(*points))
             ax.errorbar(100 * f, 100 * m, yerr=100 * s, marker="o", capsize=3, label=label)
     ax.set(xscale="log", xlabel="labelled training examples used (%)",
-           ylabel="test accuracy (%)", title="Pre-training reduces the labels needed")
+           ylabel="test accuracy (%)", title="From scratch vs MLM pre-trained, by labels used")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
