@@ -19,6 +19,8 @@ import shlex
 import subprocess
 import sys
 
+from launch import cluster_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,14 +39,8 @@ def parse_args(argv):
     parser.add_argument("--repo", default=REPO, help="This checkout, as the nodes see it.")
     parser.add_argument("--workdir", required=True, help="Shared by all nodes.")
     parser.add_argument("--dry_run", action="store_true", help="Print the script only.")
-    parser.add_argument("main_args", nargs=argparse.REMAINDER,
-                        help="After --: arguments for python -m launch.main.")
-    args = parser.parse_args(argv)
-    if args.main_args[:1] == ["--"]:
-        args.main_args = args.main_args[1:]
-    if not any(a.startswith("--config") for a in args.main_args):
-        parser.error("give the launch.main arguments after --, e.g. -- --config configs/X.py")
-    return args
+    cluster_args.add_main_args(parser)
+    return cluster_args.parse_with_main_args(parser, argv)
 
 
 def sbatch_script(args):

@@ -230,12 +230,13 @@ def load_ablation(config_path, workdir):
 
 
 def run_ablation(config_path, workdir, mode="sequential", max_parallel=2, cli_overrides=(),
-                 run_trial=train_in_process):
+                 run_trial=train_in_process, ablation=None):
     """Runs an ablation's parts in order (each a resumable sweep in `workdir/<part>`),
-    then writes its report; returns the failed trials as `part/trial`."""
+    then writes its report; returns the failed trials as `part/trial`. `ablation`: what
+    load_ablation already returned for this config, if the caller has it."""
     import importlib
 
-    parts, report = load_ablation(config_path, workdir)
+    parts, report = ablation or load_ablation(config_path, workdir)
     if report and report not in REPORTS:
         raise ValueError(f"{config_path}: report={report!r}; known: {sorted(REPORTS)}")
     start, failed = time.perf_counter(), []
@@ -264,8 +265,12 @@ def main(argv):
     try:
         f = flags.FLAGS
         enable_compilation_cache(f.workdir)
-        run = run_ablation if load_ablation(f.config, f.workdir) else run_sweep
-        failed = run(f.config, f.workdir, f.mode, f.max_parallel, _cli_overrides)
+        ablation = load_ablation(f.config, f.workdir)
+        if ablation:
+            failed = run_ablation(f.config, f.workdir, f.mode, f.max_parallel,
+                                  _cli_overrides, ablation=ablation)
+        else:
+            failed = run_sweep(f.config, f.workdir, f.mode, f.max_parallel, _cli_overrides)
     except (KeyError, ValueError, FileNotFoundError) as error:
         sys.exit(f"FATAL: {error.args[0] if error.args else error}")
     if failed:

@@ -24,6 +24,8 @@ import shlex
 import subprocess
 import sys
 
+from launch import cluster_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_DIR = "strata"
 TARBALL = "/tmp/strata_code.tar.gz"
@@ -52,14 +54,8 @@ def parse_args(argv):
     parser.add_argument("--workdir", required=True,
                         help="gs://bucket/path (mounted on every worker) or a shared path.")
     parser.add_argument("--dry_run", action="store_true", help="Print commands, run none.")
-    parser.add_argument("main_args", nargs=argparse.REMAINDER,
-                        help="After --: arguments for python -m launch.main.")
-    args = parser.parse_args(argv)
-    if args.main_args[:1] == ["--"]:
-        args.main_args = args.main_args[1:]
-    if not any(a.startswith("--config") for a in args.main_args):
-        parser.error("give the launch.main arguments after --, e.g. -- --config configs/X.py")
-    return args
+    cluster_args.add_main_args(parser)
+    return cluster_args.parse_with_main_args(parser, argv)
 
 
 def worker_workdir(workdir):
