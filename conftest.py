@@ -1,6 +1,20 @@
-"""Runs before any test imports JAX: eight fake CPU devices so sharded meshes are real."""
+"""Runs before any test imports JAX: eight fake CPU devices so sharded meshes are real,
+and one persistent compilation cache for this test session: many tests compile the same
+tiny steps, in xdist workers and in the training processes tests start.
+
+The cache is safe to share between processes only with eviction on: JAX then takes a file
+lock around every read and write (jax/_src/lru_cache.py); without it (max size -1) a
+reader can load another process's half-written entry, and XLA aborts the reader. Tests
+that SIGKILL a process give it no cache (tests/train/test_loop.py): a kill mid-write
+would leave a truncated entry behind.
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # Set once, by xdist's controller.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="strata-tests-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # Eviction -> locks.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

@@ -89,6 +89,9 @@ def model_config(size="small", **overrides):
             dtype="float32",  # Compute dtype; bfloat16 on accelerators.
             param_dtype="float32",
             attention_mask="bidirectional",  # "bidirectional" | "causal" | "prefix".
+            # "learned" (BERT's position table) | "rope" (rotary, in attention: relative
+            # offsets, what copying from context needs; no import/export to BERT).
+            position_embedding="learned",
             # "xla" (einsum reference) | "dot_product" (jax.nn) | "cudnn" (GPU flash) |
             # "splash" (TPU Pallas) | "auto" (the platform's kernel where it applies, else
             # xla). cudnn and splash need attention_dropout=0 (model/attention.py).
@@ -167,6 +170,8 @@ def base_config():
             mlm_whole_word=False,  # Mask whole words (all pieces of a "▁" word together).
             mlm_dynamic=True,  # New mask each time a sequence is seen; False: one fixed mask.
             mlm_max_predictions=-1,  # Predictions per row; -1: ceil(mlm_rate * seq_len).
+            # UniLM (train/data/unilm.py): this fraction of MLM training rows are prefix-LM.
+            prefix_lm_fraction=0.0,
             # task="prefix_lm" (train/data/prefix_lm.py): <qa_dir>/<split>.jsonl examples
             # {question, passages, answer}; answers cut to max_answer_tokens pieces.
             # task="retriever" (train/data/pairs.py): {question, passage, passage_id}.

@@ -25,7 +25,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, size="mini")
+    arg = common.parse_arg(arg, runlocal=False, size="mini", hf="")
     c = common.base_config()
     c.task = "rag"
     c.model = common.model_config(arg.size, heads=("lm",), attention_mask="prefix",
@@ -80,4 +80,10 @@ def get_config(arg=None):
         c.rag.update(k=2, kb_size=1000, max_eval_questions=200, new_info_passages=40,
                      question_kinds=("hypernym",), train_distractors="random",
                      max_train_questions=40_000)
+    if arg.hf:  # A pre-trained BERT as the generator (UniLM: BERT weights, prefix-LM).
+        c.init_from = f"hf:{arg.hf}"
+        c.data.tokenizer, c.data.tokenizer_path = "wordpiece", f"hf:{arg.hf}"
+        max_len = c.model.max_len
+        c.model.update(common.PRETRAINED.get(arg.hf, {}))
+        c.model.max_len = max(max_len, c.model.max_len)
     return c

@@ -205,13 +205,18 @@ def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overr
 def enable_compilation_cache(workdir):
     """Trials of one sweep compile the same steps again and again (seeds, label
     fractions, learning rates change no shape): JAX's persistent cache in `W/.jax_cache`
-    turns the repeats into loads, here and in --mode=parallel's subprocesses (env)."""
+    turns the repeats into loads, here and in --mode=parallel's subprocesses (env). A
+    size limit turns on eviction, and with it JAX's file lock around every cache read and
+    write: parallel trials never read each other's half-written entries."""
     import jax
 
     cache = os.path.abspath(os.path.join(workdir, ".jax_cache"))
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_compilation_cache_max_size",
+                      int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 

@@ -223,6 +223,23 @@ def _contract(x, kernel, in_ndim):
     return jax.lax.dot_general(x, kernel, ((contract, tuple(range(in_ndim))), ((), ())))
 
 
+def rotary(x, positions, base: float = 10_000.0):
+    """Rotary position embedding (RoPE, Su et al. 2021) of queries or keys.
+
+    x [batch, seq, heads, head_dim], positions int [batch, seq]. Channel pair (i, i + d/2)
+    turns by positions * base^(-2i/d) (GPT-NeoX's half split), so a query-key dot product
+    depends on their positions only through the offset between them: a model can learn
+    "the token before me" once, for every position.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, s, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention over [batch, seq, embed]; `decode=True` uses a KV cache.
 
@@ -245,14 +262,17 @@ class MultiHeadAttention(nn.Module):
     lora: LoraSpec | None = None  # LoRA on the projections its `targets` name.
     ia3: bool = False  # (IA)^3: learned per-channel scales of keys and values.
     prefix_length: int = 0  # Prefix tuning: learned keys/values every query attends to.
+    rope: bool = False  # Rotate queries and keys by `positions` (`rotary`).
 
     @nn.compact
     def __call__(self, x, mask, *, deterministic=True, decode=False, prefix_kv=None,
-                 segment_ids=None):
+                 segment_ids=None, positions=None):
         """`prefix_kv`: (keys, values) [prefix_length, heads, head_dim] made outside (the
         prefix-tuning MLP reparameterisation) instead of this layer's own prefix params.
         `segment_ids` [batch, seq]: the ids `mask` was built from (None for a mask the
-        caller made), for kernels that build their own mask."""
+        caller made), for kernels that build their own mask. `positions` [batch, seq]:
+        the tokens' positions, which `rope` needs (cached keys are stored rotated;
+        prefix-tuning keys are position-free)."""
         embed = x.shape[-1]
 
         def projection(name):
@@ -267,6 +287,10 @@ class MultiHeadAttention(nn.Module):
         key = nn.with_logical_constraint(key, axes)
         value = nn.with_logical_constraint(value, axes)
         key, value = self.adapt_key_value(key, value)
+        if self.rope:
+            if positions is None:
+                raise ValueError("config.model.position_embedding='rope' needs positions")
+            query, key = rotary(query, positions), rotary(key, positions)
 
         if decode:
             key, value = self._update_cache(key, value)

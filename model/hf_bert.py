@@ -146,6 +146,12 @@ def hf_config(model_cfg):
         raise HfCheckpointError(
             f"config.model.norm={get('norm')!r}: BERT is post-LN; a pre-LN model has no "
             f"BertModel equivalent")
+    positions = (model_cfg.get("position_embedding", "learned") if hasattr(model_cfg, "get")
+                 else getattr(model_cfg, "position_embedding", "learned"))
+    if positions != "learned":
+        raise HfCheckpointError(
+            f"config.model.position_embedding={positions!r}: BERT has a "
+            f"learned position table; a rotary model has no BertModel equivalent")
     head_dim = get("head_dim")
     if head_dim not in (-1, None) and head_dim * get("num_heads") != get("hidden"):
         raise HfCheckpointError(

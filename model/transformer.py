@@ -104,7 +104,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, deterministic=True, decode=False, prefix_kv=None,
-                 segment_ids=None):
+                 segment_ids=None, positions=None):
         cfg = self.cfg
         attention = MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=cfg.max_len,
@@ -112,20 +112,20 @@ class Block(nn.Module):
             impl=cfg.attention_impl, mask_mode=cfg.attention_mask,
             dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             lora=lora.spec(cfg), ia3=cfg.ia3, prefix_length=cfg.prefix_length,
-            name="attention",
+            rope=uses_rope(cfg), name="attention",
         )
         mlp = Mlp(cfg, name="mlp")
         drop = nn.Dropout(cfg.dropout)
         if cfg.norm == "pre":
             h = attention(layer_norm(cfg, "attention_norm")(x), mask,
                           deterministic=deterministic, decode=decode, prefix_kv=prefix_kv,
-                          segment_ids=segment_ids)
+                          segment_ids=segment_ids, positions=positions)
             x = x + drop(self.adapt(h, "attention_adapter"), deterministic=deterministic)
             h = mlp(layer_norm(cfg, "mlp_norm")(x), deterministic)
             x = x + drop(self.adapt(h, "mlp_adapter"), deterministic=deterministic)
         else:
             h = attention(x, mask, deterministic=deterministic, decode=decode,
-                          prefix_kv=prefix_kv, segment_ids=segment_ids)
+                          prefix_kv=prefix_kv, segment_ids=segment_ids, positions=positions)
             h = self.adapt(h, "attention_adapter")
             x = layer_norm(cfg, "attention_norm")(x + drop(h, deterministic=deterministic))
             h = self.adapt(mlp(x, deterministic), "mlp_adapter")
@@ -136,6 +136,17 @@ class Block(nn.Module):
         """A sub-layer's output [batch, seq, embed] through its adapter, if any (Houlsby
         places one after attention and one after the MLP, before the residual)."""
         return Adapter(self.cfg, name=name)(h) if self.cfg.adapter_dim else h
+
+
+POSITION_EMBEDDINGS = ("learned", "rope")
+
+
+def uses_rope(cfg) -> bool:
+    kind = getattr(cfg, "position_embedding", "learned")  # Runs saved before it existed.
+    if kind not in POSITION_EMBEDDINGS:
+        raise ValueError(f"config.model.position_embedding={kind!r}; expected one of "
+                         f"{POSITION_EMBEDDINGS}")
+    return kind == "rope"
 
 
 class Encoder(nn.Module):
@@ -150,11 +161,12 @@ class Encoder(nn.Module):
                 cfg.init_std, ("vocab", "embed")),
             dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         )
-        self.position_embed = nn.Embed(
-            cfg.max_len, cfg.hidden, embedding_init=initializers.embedding(
-                cfg.init_std, ("position", "embed")),
-            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        )
+        if not uses_rope(cfg):  # RoPE: positions enter in attention, no table.
+            self.position_embed = nn.Embed(
+                cfg.max_len, cfg.hidden, embedding_init=initializers.embedding(
+                    cfg.init_std, ("position", "embed")),
+                dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            )
         if cfg.type_vocab_size:
             self.type_embed = nn.Embed(
                 cfg.type_vocab_size, cfg.hidden, embedding_init=initializers.embedding(
@@ -206,11 +218,16 @@ class Encoder(nn.Module):
             segment_ids = insert_after_first(segment_ids, segment_ids[:, :1], cfg.prompt_length)
             if prefix_mask is not None:  # Prompts belong to the bidirectional prefix.
                 prefix_mask = insert_after_first(prefix_mask, True, cfg.prompt_length)
+            block_positions = insert_after_first(positions, positions[:, :1], cfg.prompt_length)
+        else:
+            block_positions = positions
         # Attention kernels that build their own mask (splash) take the ids it came from.
         mask_segment_ids = segment_ids if attention_mask is None else None
         if attention_mask is None:
             attention_mask = make_attention_mask(segment_ids, cfg.attention_mask, prefix_mask)
-        x = self.embed_tokens(tokens) + self.position_embed(positions)
+        x = self.embed_tokens(tokens)
+        if not uses_rope(cfg):
+            x = x + self.position_embed(positions)
         if cfg.type_vocab_size:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(tokens)
@@ -225,7 +242,8 @@ class Encoder(nn.Module):
         if cfg.prefix_length and cfg.prefix_mlp_dim:
             prefixes = self.prefix_mlp()
         for block, prefix_kv in zip(self.blocks, prefixes):
-            x = block(x, attention_mask, deterministic, decode, prefix_kv, mask_segment_ids)
+            x = block(x, attention_mask, deterministic, decode, prefix_kv, mask_segment_ids,
+                      block_positions)
         if cfg.norm == "pre":
             x = self.norm(x)
         if cfg.prompt_length:  # Drop the prompts: heads see the input's positions.
@@ -381,6 +399,8 @@ def resolve(cfg):
     cfg["dtype"] = jnp.dtype(cfg["dtype"])
     cfg["param_dtype"] = jnp.dtype(cfg["param_dtype"])
     cfg["heads"] = tuple(cfg["heads"])
+    cfg.setdefault("position_embedding", "learned")
     fields = sorted(cfg)
-    frozen = dataclasses.make_dataclass("ModelConfig", fields, frozen=True)
-    return frozen(**cfg)
+    frozen = dataclasses.make_dataclass("ModelConfig", fields, frozen=True)(**cfg)
+    uses_rope(frozen)  # Fails early on an unknown kind.
+    return frozen

@@ -86,11 +86,11 @@ class Retriever:
         self.index, self.passages, self.batch_size = index, passages, batch_size
         self._encode_fn = make_encode_fn(self.model)
 
-    def embed(self, texts) -> np.ndarray:
-        """texts -> L2-normalised float32 [n, dim]."""
+    def embed(self, texts, progress=None) -> np.ndarray:
+        """texts -> L2-normalised float32 [n, dim]; `progress(done, elapsed_s)` per batch."""
         return embed_texts(self.params, self.model, self.tokenizer, texts,
                            batch_size=self.batch_size, max_len=self.max_len,
-                           encode_fn=self._encode_fn)
+                           encode_fn=self._encode_fn, progress=progress)
 
     def search(self, questions, k: int) -> tuple[np.ndarray, np.ndarray]:
         """questions (n strings) -> (scores float32 [n, k], passage ids str [n, k])."""

@@ -181,6 +181,20 @@ def _tokenizer_path(config, workdir, passages, train_questions):
     return path
 
 
+def _progress_log(what: str, total: int, every_s: float = 30.0):
+    """-> progress(done, elapsed_s) that logs rate and ETA at most every `every_s`
+    (embedding the whole KB takes half an hour on a laptop CPU)."""
+    last = [0.0]
+
+    def progress(done, elapsed):
+        if elapsed - last[0] >= every_s or done == total:
+            last[0] = elapsed
+            rate = done / max(elapsed, 1e-9)
+            log.info("%s: %s/%s (%.0f/s, ETA %.0f s)", what, f"{done:,}", f"{total:,}",
+                     rate, (total - done) / max(rate, 1e-9))
+    return progress
+
+
 # --- The run ------------------------------------------------------------------------------
 
 def run(config, workdir):
@@ -215,7 +229,8 @@ def run(config, workdir):
         retriever = rag_lib.Retriever(encoder, None, dict(passages), rc.encode_batch_size)
         ids = list(passages)
         t = time.perf_counter()
-        vectors = retriever.embed([passages[i] for i in ids])
+        vectors = retriever.embed([passages[i] for i in ids],
+                                  progress=_progress_log("Embedding passages", len(ids)))
         timings["embed_passages_s"] = time.perf_counter() - t
         t = time.perf_counter()
         index = build_index(vectors, ids, index_cfg)

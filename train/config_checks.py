@@ -49,6 +49,7 @@ def validate(config):
             "lm" not in config.model.heads or config.model.attention_mask != "prefix"):
         raise ValueError(f"config.task={config.task!r} needs config.model.heads with 'lm' "
                          f"and config.model.attention_mask='prefix'")
+    check_prefix_lm_fraction(config)
     if config.task == "retriever" and (not config.get("retriever")
                                        or config.model.attention_mask != "bidirectional"):
         raise ValueError("config.task='retriever' needs a config.retriever section "
@@ -88,3 +89,29 @@ def validate(config):
         raise ValueError(
             f"config.model.hidden={config.model.hidden} is not divisible by "
             f"config.model.num_heads={config.model.num_heads}; set config.model.head_dim")
+
+
+def check_prefix_lm_fraction(config):
+    """UniLM's mix (train/data/unilm.py): masked-LM pre-training with prefix-LM rows needs
+    the prefix mask and both heads; a prefix mask without those rows has no prefix."""
+    fraction, m = config.data.get("prefix_lm_fraction", 0.0), config.model
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"config.data.prefix_lm_fraction={fraction} must be in [0, 1)")
+    if fraction > 0 and config.task != "mlm":
+        raise ValueError(f"config.data.prefix_lm_fraction={fraction} mixes prefix-LM rows "
+                         f"into masked-LM pre-training, but config.task={config.task!r}; "
+                         f"set it to 0.0 or use task 'mlm'")
+    if config.task != "mlm":
+        return
+    if fraction > 0 and (m.attention_mask != "prefix"
+                         or not {"mlm", "lm"} <= set(m.heads)):
+        raise ValueError(
+            f"config.data.prefix_lm_fraction={fraction} needs config.model.attention_mask="
+            f"'prefix' (has {m.attention_mask!r}) and config.model.heads with 'mlm' and "
+            f"'lm' (has {tuple(m.heads)}); configs/pretrain_mlm.py:unilm=<fraction> sets all "
+            f"three")
+    if fraction == 0 and m.attention_mask == "prefix":
+        raise ValueError(
+            "config.task='mlm' with config.model.attention_mask='prefix' needs prefix-LM "
+            "rows: set config.data.prefix_lm_fraction > 0 (configs/pretrain_mlm.py:"
+            "unilm=<fraction>) or config.model.attention_mask='bidirectional'")

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from train import checkpoints as ckpt
 from train import flops, memory, model_setup, objectives, partitioning
-from train.data import augmentation, masking, pairs, pipeline, prefix_lm, sources, tokenizer
+from train.data import augmentation, masking, pairs, pipeline, prefix_lm, sources, tokenizer, unilm
 from train.forgetting import measure_forgetting
 from train.init_from import init_params_from
 from train.learning_curves import write_learning_curves
@@ -96,6 +96,9 @@ def train_and_evaluate(config, workdir):
             f"The tokenizer has {tok.vocab_size} pieces but config.model.vocab_size="
             f"{config.model.vocab_size}; set it to at least the tokenizer's size")
     mlm = config.task == "mlm"  # Self-supervised: labels unused, tokens masked BERT-style.
+    # UniLM: a fraction of the MLM rows are prefix-LM rows (train/data/unilm.py).
+    mixing = mlm and unilm.prefix_lm_fraction(data_cfg) > 0
+    mlm_fields = unilm if mixing else masking
     if generative or paired:
         train_iter = (prefix_lm if generative else pairs).make_train_iterator(
             train_source, tok, data_cfg, seed=config.seed)
@@ -105,7 +108,7 @@ def train_and_evaluate(config, workdir):
             with_labels=False if mlm else None,
             transform=pipeline.chain_transforms(  # Augment the text first, then mask it.
                 augmentation.train_transform(tok, data_cfg, seed=config.seed),
-                masking.train_transform(tok, data_cfg, seed=config.seed) if mlm else None))
+                mlm_fields.train_transform(tok, data_cfg, seed=config.seed) if mlm else None))
 
     eval_sources = {split: load_split(data_cfg, split)  # Opened once, read per eval.
                     for split in (data_cfg.eval_split, data_cfg.test_split)}
@@ -116,7 +119,7 @@ def train_and_evaluate(config, workdir):
                 eval_sources[split], tok, data_cfg)
         return pipeline.make_eval_iterator(
             eval_sources[split], tok, data_cfg, with_labels=False if mlm else None,
-            transform=masking.eval_transform(tok, data_cfg) if mlm else None)
+            transform=mlm_fields.eval_transform(tok, data_cfg) if mlm else None)
 
     # --- Model, optimizer, objective ------------------------------------------------
     model = model_setup.build_model(config)
@@ -186,7 +189,8 @@ def train_and_evaluate(config, workdir):
 
     # --- Train ----------------------------------------------------------------------
     vocab_fraction = masking.max_predictions(data_cfg) / data_cfg.seq_len if mlm else 0.0
-    vocab_fraction = 1.0 if generative else vocab_fraction  # The LM head runs everywhere.
+    if generative or mixing:  # The LM head runs at every position.
+        vocab_fraction += 1.0
     flops_per_token = flops.train_flops_per_token(model.cfg, data_cfg.seq_len, vocab_fraction)
     peak = flops.measured_peak_flops() * jax.device_count()
     metrics_log = MetricsLog(workdir, num_steps, start_step, config.train.progress)

@@ -116,6 +116,49 @@ class PrefixLM:
                 "exact_match": float(sums["answers_exact"] / max(sums["answers"], 1e-9))}
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskedAndPrefixLM:
+    """UniLM's pre-training mix (task "mlm" with data.prefix_lm_fraction > 0;
+    train/data/unilm.py): masked-LM rows and prefix-LM rows in one batch, which carries
+    both kinds of fields (a row's other kind weighted 0).
+
+    loss_sum = the MLM sum + the LM sum and weight = both weights, so the mean is per
+    predicted token of either kind. The parts are reported as mlm_* and lm_* (a part with
+    no predicted token, e.g. lm_* on the pure-MLM eval batches, is left out of finalize).
+    """
+
+    heads: tuple = ("mlm", "lm")
+
+    def loss(self, outputs, batch):
+        mlm_loss, mlm_weight, mlm = MaskedLM().loss(outputs, batch)
+        lm_loss, lm_weight, lm = PrefixLM().loss(outputs, batch)
+        sums = {"correct": mlm["correct"] + lm["correct"], "examples": mlm_weight + lm_weight,
+                "mlm_loss_sum": mlm_loss, "mlm_correct": mlm["correct"],
+                "mlm_examples": mlm_weight, "lm_loss_sum": lm_loss,
+                "lm_correct": lm["correct"], "lm_examples": lm_weight}
+        return mlm_loss + lm_loss, mlm_weight + lm_weight, sums
+
+    def step_metrics(self, sums):
+        """In the compiled train step: each part's per-token loss and accuracy (0 for a
+        part the batch has no token of)."""
+        out = {}
+        for part in ("mlm", "lm"):
+            examples = jnp.maximum(sums[f"{part}_examples"], 1e-9)
+            out[f"{part}_loss"] = sums[f"{part}_loss_sum"] / examples
+            out[f"{part}_accuracy"] = sums[f"{part}_correct"] / examples
+        return out
+
+    def finalize(self, sums):
+        out = {"loss": float(sums["loss_sum"] / max(sums["weight"], 1e-9)),
+               "accuracy": float(sums["correct"] / max(sums["examples"], 1e-9))}
+        for part in ("mlm", "lm"):
+            examples = float(sums[f"{part}_examples"])
+            if examples > 0:
+                out[f"{part}_loss"] = float(sums[f"{part}_loss_sum"]) / examples
+                out[f"{part}_accuracy"] = float(sums[f"{part}_correct"]) / examples
+        return out
+
+
 def in_batch_contrastive(queries, passages, passage_keys, weights, temperature,
                          symmetric=False):
     """DPR's loss with in-batch negatives: query i's positive is passage i, every other
@@ -198,6 +241,9 @@ def make_objective(config, class_weights=None):
             num_classes=config.model.num_classes, class_weights=class_weights,
             label_smoothing=config.train.label_smoothing)
     if config.task == "mlm":
+        # UniLM's mix of prefix-LM rows (train/data/unilm.py) needs both losses.
+        if config.data.get("prefix_lm_fraction", 0.0) > 0:
+            return MaskedAndPrefixLM()
         return MaskedLM()
     if config.task == "prefix_lm":
         return PrefixLM()

@@ -105,6 +105,8 @@ def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=
             "accuracy": sums["correct"] / jnp.maximum(sums["examples"], 1e-9),
             "grad_norm": optax.tree.norm(grads),
         }
+        if hasattr(objective, "step_metrics"):  # An objective's own parts (e.g. mlm_loss).
+            metrics.update(objective.step_metrics(sums))
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -75,7 +75,7 @@ def decode(fn, model, params, config, rng=None, prompts=PROMPTS, lengths=LENGTHS
 
 
 @pytest.mark.parametrize("mode, peft", [
-    ("causal", {}), ("prefix", {}),
+    ("causal", {}), ("prefix", {}), ("prefix", dict(position_embedding="rope")),
     ("causal", dict(lora_rank=2, lora_targets="query|key|value|out|wi|wo",
                     prefix_length=3))])
 def test_cached_greedy_equals_full_recompute(mode, peft):

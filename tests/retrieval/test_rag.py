@@ -176,3 +176,33 @@ def test_tiny_rag_run_beats_closed_book_and_learns_new_facts(tmp_path, wordnet_f
     rag_pipeline, _ = rag_run.load_rag(workdir)
     (answer,) = rag_pipeline.answer(["What is a poodle a kind of?"], k=2)
     assert len(answer.citations) >= 1 and all(s is not None for _, s in answer.citations)
+
+
+def test_pretrained_bert_generator_config_loads_minilm():
+    """`configs/rag.py:hf=minilm`: MiniLM's weights and WordPiece vocabulary start the
+    prefix-LM generator (UniLM's recipe): every generator parameter loads, shape for
+    shape, and the architecture check passes."""
+    import jax
+
+    from configs import common
+    from configs import rag as rag_config
+    from train import model_setup
+    from train.data import tokenizer as tokenizers
+    from train.init_from import check_hf_model_config, load_params
+    from train.param_rules import path_string
+
+    config = rag_config.get_config("runlocal,hf=minilm")
+    assert config.init_from == "hf:minilm"
+    assert {k: config.model[k] for k in common.PRETRAINED["minilm"]} == \
+        common.PRETRAINED["minilm"]
+    assert config.model.attention_mask == "prefix" and tuple(config.model.heads) == ("lm",)
+    check_hf_model_config(config)
+    tok = tokenizers.get_tokenizer(config.data)
+    assert tok.vocab_size == config.model.vocab_size == 30522
+    assert tok.unk_id not in tok.encode("What is a poodle a kind of?")
+    loaded, _ = load_params(config.init_from)
+    shapes = jax.tree_util.tree_flatten_with_path(model_setup.abstract_params(
+        model_setup.build_model(config), config.data.seq_len))[0]
+    assert len(shapes) > 90
+    for path, leaf in shapes:
+        assert loaded[path_string(path)].shape == leaf.shape, path_string(path)

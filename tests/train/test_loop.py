@@ -61,14 +61,19 @@ def test_scratch_runlocal_end_to_end(wordnet_data_dir, tmp_path):
     assert os.listdir(tmp_path / "best") in (["30"], ["60"])
 
 
-def launch_main(workdir, data_dir, *overrides, config="configs/scratch.py:runlocal"):
+def launch_main(workdir, data_dir, *overrides, config="configs/scratch.py:runlocal",
+                compile_cache=True):
     """Starts a training process; its output goes to `<workdir>.log` (a pipe could fill
-    up and block it)."""
+    up and block it). A process that will be SIGKILLed gets `compile_cache=False`: killed
+    mid-write it would leave a truncated entry in the shared cache (root conftest.py)."""
     log = open(f"{workdir}.log", "w")
+    env = dict(os.environ)
+    if not compile_cache:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "launch.main", f"--config={config}", f"--workdir={workdir}",
          f"--config.data.data_dir={data_dir}", "--config.train.progress=False", *overrides],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     process.log_path = f"{workdir}.log"
     return process
 
@@ -108,7 +113,7 @@ def test_sigkill_and_resume_equals_uninterrupted(wordnet_data_dir, tmp_path):
     run = launch_main(straight, wordnet_data_dir, *RESUME)
     assert run.wait() == 0, output_of(run)
 
-    victim = launch_main(killed, wordnet_data_dir, *RESUME)
+    victim = launch_main(killed, wordnet_data_dir, *RESUME, compile_cache=False)
     wait_for_checkpoint(killed, 20, victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
