@@ -40,6 +40,13 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
         assert config.init_from == ("" if part == "scratch" else pretrained), part
         # Same model as the pre-trained one (its checkpoint must load).
         assert config.model.hidden == configs[("pretrain", pretrain_trial.name)].model.hidden
+    # The RAG generator starts from the MLM checkpoint: same architecture and vocabulary.
+    (rag,) = [c for k, c in configs.items() if k[0] == "rag"]
+    mlm = configs[("pretrain", pretrain_trial.name)]
+    assert rag.init_from == pretrained
+    for key in ("hidden", "num_layers", "max_len", "vocab_size", "norm", "mlp_dim"):
+        assert rag.model[key] == mlm.model[key], key
+    assert rag.data.seq_len <= mlm.model.max_len
     # Equal budgets: every supervised run of the comparison has the same steps and batch.
     compared = [c for k, c in supervised.items() if k[0] != "search"]
     assert len({(c.train.num_steps, c.data.batch_size, c.data.seq_len) for c in compared}) == 1
