@@ -10,11 +10,20 @@ would leave a truncated entry behind.
 """
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CREATED_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # Set once, by xdist's controller.
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="strata-tests-jax-cache-")
+    _CREATED_CACHE = tempfile.mkdtemp(prefix="strata-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CREATED_CACHE
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # Eviction -> locks.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+    """The process that made the cache (the controller, after its workers) removes it."""
+    if _CREATED_CACHE:
+        shutil.rmtree(_CREATED_CACHE, ignore_errors=True)
