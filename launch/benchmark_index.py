@@ -5,7 +5,9 @@ around 1,000 topic centres that themselves sit around 50 broader themes, plus a 
 mean direction (real sentence embeddings are anisotropic), so neighbourhoods look like
 embeddings' rather than uniform noise. Queries come from the same process and are not
 corpus rows. With `--vectors file.npy` ([n, dim], real embeddings) a random
-`--queries` rows are held out of the corpus as queries.
+`--queries` rows are held out of the corpus as queries; with `--query_vectors q.npy` too,
+those are the queries (real ones: questions embedded by the same encoder, which sit
+farther from the passages than passages from each other) and every row is corpus.
 
 Both searchers get `--threads` threads (ScaNN's batched search threads; XLA's CPU
 thread pool for the exact matmul is capped the same way through XLA_FLAGS, set before
@@ -14,6 +16,7 @@ Prints one JSON line per measurement.
 
     python -m launch.benchmark_index                        # synthetic, 117k x 384
     python -m launch.benchmark_index --vectors kb.npy --threads 2
+    python -m launch.benchmark_index --vectors W/index/vectors.npy --query_vectors q.npy
     python -m launch.benchmark_index --sweep 8,16,28,40     # leaves_to_search at query time
 """
 
@@ -28,6 +31,9 @@ import time
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vectors", default="", help="[n, dim] .npy of embeddings (else synthetic)")
+    p.add_argument("--query_vectors", default="",
+                   help="[q, dim] .npy of real queries (e.g. embedded questions): the whole "
+                        "--vectors file is then the corpus")
     p.add_argument("--n", type=int, default=117_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--topics", type=int, default=1_000)
@@ -124,7 +130,15 @@ def main(argv=None):
     from retrieval.scann_index import ScannIndex
     from retrieval.vectors import l2_normalize, recall_at_k
 
-    if args.vectors:
+    if args.query_vectors and not args.vectors:
+        sys.exit("FATAL: --query_vectors needs --vectors (the corpus they search)")
+    if args.query_vectors:
+        corpus = l2_normalize(np.load(args.vectors, allow_pickle=False))
+        queries = l2_normalize(np.load(args.query_vectors, allow_pickle=False))[: args.queries]
+        if queries.shape[1:] != corpus.shape[1:]:
+            sys.exit(f"FATAL: --query_vectors {args.query_vectors} has dimension "
+                     f"{queries.shape[1:]}, the corpus {corpus.shape[1:]}")
+    elif args.vectors:
         vectors = l2_normalize(np.load(args.vectors, allow_pickle=False))
         order = np.random.default_rng(args.seed).permutation(len(vectors))
         queries, corpus = vectors[order[: args.queries]], vectors[order[args.queries :]]
@@ -136,7 +150,9 @@ def main(argv=None):
         recall_k=args.k)
     print(json.dumps(dict(corpus=list(corpus.shape), queries=len(queries), k=args.k,
                           threads=args.threads, cpus=os.cpu_count(),
-                          source=args.vectors or "synthetic")), flush=True)
+                          source=args.vectors or "synthetic",
+                          queries_from=args.query_vectors or "corpus rows held out")),
+          flush=True)
 
     exact, build_s = timed(lambda: ExactIndex.build(corpus, ids, config), 1)
     exact_ids, row = measure("exact", exact, queries, args.k, args.single, args.repeats)

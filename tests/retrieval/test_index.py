@@ -87,7 +87,7 @@ def test_scann_layout_follows_corpus_size():
     assert plan_scann(config, 5_000)["mode"] == "ah"
     plan = plan_scann(config, 117_000)
     assert plan["mode"] == "tree_ah" and plan["num_leaves"] == 342
-    assert plan["leaves_to_search"] == 28  # ceil(0.08 * 342)
+    assert plan["leaves_to_search"] == 103  # ceil(0.3 * 342)
     plan = plan_scann(IndexConfig(num_leaves=50, leaves_to_search=7), 117_000)
     assert (plan["num_leaves"], plan["leaves_to_search"]) == (50, 7)
 
