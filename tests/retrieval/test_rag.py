@@ -151,8 +151,11 @@ def test_tiny_rag_run_beats_closed_book_and_learns_new_facts(tmp_path, wordnet_f
     config.data.tokenizer_sample = 20_000
     config.model.max_len = config.data.seq_len = 64
     config.data.max_answer_tokens = 6
-    config.train.num_steps = 1000
-    config.train.eval_every = config.train.checkpoint_every = 1000
+    # RoPE, pre-LN, no dropout: as good after 600 steps as the learned table after 1,000.
+    config.model.update(position_embedding="rope", norm="pre", dropout=0.0,
+                        attention_dropout=0.0)
+    config.train.num_steps = 600
+    config.train.eval_every = config.train.checkpoint_every = 600
     config.train.log_every = 200
     config.train.eval_steps = config.train.final_eval_steps = 1
     config.rag.update(kb_size=400, max_train_questions=30_000, max_eval_questions=96,
