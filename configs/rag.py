@@ -11,7 +11,8 @@ One knowledge-base passage per synset, questions whose answer one passage states
 shared transformer as a prefix-LM generator trained RAFT style through the normal loop
 (task "prefix_lm"); retrieval/rag_run.py runs it all and writes results.json.
 Arguments: `runlocal` (a 1,000-passage KB, hypernym questions, a tiny model: minutes on
-a CPU), `size=`.
+a CPU), `size=`, `hf=minilm` (the generator starts from all-MiniLM-L6-v2 and its WordPiece
+vocabulary: UniLM's BERT-initialised prefix-LM).
 
 `--config.rag.reretrieve_every=N` (0: off) re-retrieves during decoding: every N answer
 pieces the unfinished answers search again with question + " " + the answer so far and
@@ -83,7 +84,5 @@ def get_config(arg=None):
     if arg.hf:  # A pre-trained BERT as the generator (UniLM: BERT weights, prefix-LM).
         c.init_from = f"hf:{arg.hf}"
         c.data.tokenizer, c.data.tokenizer_path = "wordpiece", f"hf:{arg.hf}"
-        max_len = c.model.max_len
-        c.model.update(common.PRETRAINED.get(arg.hf, {}))
-        c.model.max_len = max(max_len, c.model.max_len)
+        c.model.update(common.PRETRAINED.get(arg.hf, {}))  # Its max_len too (>= seq_len).
     return c
