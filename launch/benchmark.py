@@ -55,13 +55,11 @@ import time
 
 import jax
 import numpy as np
-from flax import linen as nn
 
 from configs.common import base_config, model_config
 from model.attention import ATTENTION_IMPLS
-from train import flops, memory, model_setup, objectives, partitioning
-from train.optimizer import make_optimizer
-from train.steps import make_train_step
+from train import flops, memory, partitioning
+from train.trainer import build_trainer
 
 SHAPES = {
     "tiny": dict(vocab_size=1000, seq_len=64, batch_size=16, steps=3),  # Smoke runs, tests.
@@ -91,6 +89,7 @@ def make_config(size, *, batch_size=None, seq_len=None, mesh=None, attention_imp
     c.data.seq_len = seq_len or shape["seq_len"]
     c.data.vocab_size = shape["vocab_size"]
     c.data.batch_size = batch_size or shape["batch_size"]
+    c.data.mlm_max_predictions = max(1, round(MASK_RATE * c.data.seq_len))
     if mesh is not None:
         c.mesh.update({axis: int(mesh.get(axis, 1)) for axis in partitioning.MESH_AXES})
     c.optim.lr = 1e-4
@@ -104,7 +103,7 @@ def make_batch(config, seed):
     rng = np.random.default_rng(seed)
     batch, seq = config.data.batch_size, config.data.seq_len
     vocab = config.model.vocab_size
-    num_predict = max(1, round(MASK_RATE * seq))
+    num_predict = config.data.mlm_max_predictions
     targets = rng.integers(5, vocab, (batch, seq), dtype=np.int32)
     positions = np.sort(np.stack(
         [rng.choice(seq, num_predict, replace=False) for _ in range(batch)]), axis=1)
@@ -150,34 +149,21 @@ class StrataBench:
     impl = "strata"
 
     def __init__(self, config, batches):
-        rules = tuple(tuple(r) for r in config.logical_axis_rules)
-        self.mesh = partitioning.make_mesh(config.mesh)
-        partitioning.check_batch_divides(config.data.batch_size, self.mesh)
-        batch_sharding = partitioning.batch_sharding(self.mesh)
-        replicated = partitioning.replicated(self.mesh)
-        model = model_setup.build_model(config)
-        self.model_cfg = model.cfg
-        tx, _ = make_optimizer(config.optim, config.train.num_steps)
-        boxed, abstract = model_setup.abstract_train_state(model, tx, config.data.seq_len)
-        shardings = model_setup.state_shardings(boxed, self.mesh, rules)
+        # The loop's own builder: the step, its shardings and MFU are the run's.
+        self.trainer = build_trainer(config)
+        self.mesh, self.model_cfg = self.trainer.mesh, self.trainer.model.cfg
         # Compiled from shapes first (as train/aot.py): its memory is known before any
         # weights exist, so a step that cannot fit is reported, not OOM-killed.
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                  sharding=self.trainer.batch_sharding)
                           for k, v in batches[0].items()}
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
-            step = jax.jit(
-                make_train_step(model, tx, objectives.MaskedLM(), seed=config.seed),
-                in_shardings=(shardings, batch_sharding),
-                out_shardings=(shardings, replicated), donate_argnums=(0,))
-            start = time.perf_counter()
-            self.step = step.lower(abstract, abstract_batch).compile()
-            self.compile_time_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.step = self.trainer.compile_train_step(self.trainer.abstract_state(),
+                                                    abstract_batch)
+        self.compile_time_s = time.perf_counter() - start
         self.check_fits()
-        self.state = model_setup.init_train_state(model, tx, config.data.seq_len,
-                                                  config.seed, shardings)
-        self.batches = [jax.device_put(b, batch_sharding) for b in batches]
+        self.state = self.trainer.init_state()
+        self.batches = [jax.device_put(b, self.trainer.batch_sharding) for b in batches]
         self.index = 0
 
     def check_fits(self):
@@ -295,13 +281,6 @@ def use_fake_devices(count):
                            f"{jax.device_count()} devices; pass it on a fresh process")
 
 
-def peak_flops():
-    """Peak FLOP/s of the devices in use. Fake CPU devices share the host's cores: the
-    host's measured peak counts once, however many devices it is split into."""
-    peak = flops.measured_peak_flops()
-    return peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
-
-
 def platform_note():
     if jax.devices()[0].platform != "cpu":
         return ""
@@ -328,13 +307,12 @@ def measure(config, *, steps, warmup=1, rounds=1):
     step_time = statistics.median(times)
     batch, seq = config.data.batch_size, config.data.seq_len
     tokens_per_s = batch * seq / step_time
-    fraction = batches[0]["mlm_positions"].shape[1] / seq
-    flops_per_token = flops.train_flops_per_token(bench.model_cfg, seq, fraction)
+    flops_per_token = bench.trainer.flops_per_token
     params = jax.tree_util.tree_leaves(bench.state.params)
     return {
         "tokens_per_s": round(tokens_per_s, 1), "step_time_s": round(step_time, 4),
         "cpu_s_per_step": round(statistics.median(cpu_times), 4),
-        "mfu": round(tokens_per_s * flops_per_token / peak_flops(), 4),
+        "mfu": round(bench.trainer.mfu(tokens_per_s), 4),
         "flops_per_step": flops_per_token * batch * seq,
         "compiled_step_bytes": memory.compiled_step_bytes(bench.step),
         "device_peak_bytes": memory.device_peak_bytes(),
@@ -439,10 +417,8 @@ def compare_torch(args, size):
     tokens_per_step = config.data.batch_size * config.data.seq_len
 
     benches = [StrataBench(config, batches), TorchBench(config, batches, args.torch_threads)]
-    fraction = batches[0]["mlm_positions"].shape[1] / config.data.seq_len
-    flops_per_token = flops.train_flops_per_token(benches[0].model_cfg, config.data.seq_len,
-                                                  fraction)
-    peak = peak_flops()
+    flops_per_token = benches[0].trainer.flops_per_token  # Same work for both.
+    peak = flops.peak_flops()
     for bench in benches:
         bench.run(args.warmup)
 

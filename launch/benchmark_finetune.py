@@ -24,11 +24,10 @@ import time
 
 import jax
 import numpy as np
-from flax import linen as nn
 
 from configs import finetune
-from train import memory, model_setup, objectives, partitioning
-from train.steps import make_train_step
+from train import memory
+from train.trainer import build_trainer
 
 SEQ, BATCH, CLASSES = 64, 16, 45
 
@@ -55,24 +54,11 @@ class StrataMethod:
     impl = "strata"
 
     def __init__(self, method, batches):
-        config = make_config(method)
-        rules = tuple(tuple(r) for r in config.logical_axis_rules)
-        self.mesh = partitioning.make_mesh(config.mesh)
-        model = model_setup.build_model(config)
-        tx, _, trainable = model_setup.build_optimizer(config, model)
-        boxed, abstract = model_setup.abstract_train_state(model, tx, SEQ)
-        shardings = model_setup.state_shardings(boxed, self.mesh, rules)
-        self.counts = model_setup.parameter_counts(abstract.params, trainable)
-        self.state = model_setup.init_train_state(model, tx, SEQ, 0, shardings)
-        batch_sharding = partitioning.batch_sharding(self.mesh)
-        self.batches = [jax.device_put(b, batch_sharding) for b in batches]
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
-            step = jax.jit(make_train_step(model, tx, objectives.make_objective(config),
-                                           seed=0, trainable=trainable),
-                           in_shardings=(shardings, batch_sharding),
-                           out_shardings=(shardings, partitioning.replicated(self.mesh)),
-                           donate_argnums=(0,))
-            self.step = step.lower(self.state, self.batches[0]).compile()
+        trainer = build_trainer(make_config(method))  # The loop's own builder.
+        self.mesh, self.counts = trainer.mesh, trainer.counts
+        self.state = trainer.init_state(seed=0)
+        self.batches = [jax.device_put(b, trainer.batch_sharding) for b in batches]
+        self.step = trainer.compile_train_step(self.state, self.batches[0])
         self.compiled_bytes = memory.compiled_step_bytes(self.step)
         self.index = 0
 

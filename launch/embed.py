@@ -4,15 +4,17 @@ r"""Sentence embeddings for a text file: one L2-normalised mean-pooled vector pe
   python -m launch.embed --init_from runs/ft_lora --input texts.txt --output vectors.npy
 
 `--init_from`: `hf:minilm`, `hf:<HF BERT directory>` or a strata workdir (its latest
-checkpoint, config and tokenizer). Writes float32 [lines, hidden] with `np.save`. Texts are
-batched by length (train/embedding.py), jit-compiled once per length bucket.
+checkpoint, config and tokenizer). Writes float32 [lines, hidden] with `np.save` (`.npy`
+appended to a name without it), whole or not at all: a temporary sibling renamed over
+--output. --output may not be --input, nor lie inside the run or HF directory it reads
+(refused before anything is computed). Texts are batched by length (train/embedding.py),
+jit-compiled once per length bucket.
 """
 
 import logging
 import os
 import sys
 
-import numpy as np
 from absl import app, flags
 
 _INIT_FROM = flags.DEFINE_string("init_from", None, "hf:minilm | hf:<dir> | strata workdir.")
@@ -39,15 +41,33 @@ def read_lines(path):
     return lines
 
 
+def encoder_dir(init_from):
+    """-> the directory `--init_from` reads: a strata workdir or an HF BERT directory."""
+    from model import hf_bert
+
+    return hf_bert.resolve_dir(init_from) if init_from.startswith("hf:") else init_from
+
+
+def checked_output(output, input_path, init_from):
+    """-> the .npy path to write; refuses one that would replace or enter an input."""
+    from train import safe_output
+
+    output = output if output.endswith(".npy") else f"{output}.npy"  # np.save's rule.
+    safe_output.check_output_apart(output, [("--input", input_path),
+                                            ("--init_from", encoder_dir(init_from))])
+    safe_output.check_output_file(output)
+    return output
+
+
 def main(argv):
     del argv
-    from train import embedding
-
     logging.getLogger("strata").setLevel(logging.INFO)
-    try:
+    try:  # Before the (slow) imports and the encoder: bad paths fail at once.
         texts = read_lines(_INPUT.value)
+        output = checked_output(_OUTPUT.value, _INPUT.value, _INIT_FROM.value)
     except (OSError, ValueError) as error:
         sys.exit(f"FATAL: {error}")
+    from train import embedding, safe_output
     params, model, tokenizer, max_len = embedding.load_encoder(_INIT_FROM.value)
     max_len = _MAX_LEN.value or max_len
 
@@ -58,9 +78,8 @@ def main(argv):
     vectors = embedding.embed_texts(params, model, tokenizer, texts, _BATCH_SIZE.value,
                                     max_len, progress=progress)
     print(file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    np.save(_OUTPUT.value, vectors)
-    print(f"wrote {_OUTPUT.value}: {vectors.shape[0]} x {vectors.shape[1]} float32")
+    safe_output.atomic_save_npy(output, vectors)
+    print(f"wrote {output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
 
 
 if __name__ == "__main__":

@@ -61,16 +61,9 @@ def main(argv):
 
         print(json.dumps(aot.compile_only(config, _WORKDIR.value, _TOPOLOGY.value), indent=2))
         return
-    if config.task == "rag":  # Index, generator (through the loop), evaluation.
-        from retrieval import rag_run
+    from launch import run_task
 
-        results = rag_run.run(config, _WORKDIR.value)
-    elif config.task == "retriever":  # Pairs, recall before, training, recall after.
-        from retrieval import retriever_run
-
-        results = retriever_run.run(config, _WORKDIR.value)
-    else:
-        results = loop.train_and_evaluate(config, _WORKDIR.value)
+    results = run_task.run(config, _WORKDIR.value)
     print(json.dumps(results, indent=2, default=str))
 
 

@@ -1,4 +1,4 @@
-r"""Runs the sweep a config declares (`get_sweep(arg)`, train/sweeps.py) and reports it.
+r"""Runs the sweep a config declares (`get_sweep(arg)`, train/experiments/sweeps.py) and reports it.
 
   python -m launch.sweep --config configs/finetune.py:runlocal --workdir runs/sweep
   python -m launch.sweep --config configs/X.py --workdir W --mode=parallel --max_parallel=4
@@ -11,7 +11,7 @@ Modes: `sequential` (default) trains the trials one after another in this proces
 `collect` only writes the report. `--config.<field>=<value>` (after `--config`) applies
 to every trial, e.g. `--config.data.data_dir=...`.
 
-A config defining `get_ablation(arg)` (train/ablations.py) runs its parts in order, each
+A config defining `get_ablation(arg)` (train/experiments/ablations.py) runs its parts in order, each
 a sweep in `W/<part>/` as above, then writes `W/report.md`:
 
   python -m launch.sweep --config configs/ablations/stages.py --workdir runs/stages
@@ -34,7 +34,7 @@ import time
 from absl import app, flags
 from absl import logging as absl_logging
 
-from train import ablations, sweep_report, sweeps
+from train.experiments import ablations, sweep_report, sweeps
 
 
 def define_flags():
@@ -57,7 +57,7 @@ def load_sweep(config_path):
     path, arg = sweeps.split_config_path(config_path)
     module = sweeps.load_config_module(path)
     if not hasattr(module, "get_sweep"):
-        raise ValueError(f"{path} defines no get_sweep(arg); see train/sweeps.py")
+        raise ValueError(f"{path} defines no get_sweep(arg); see train/experiments/sweeps.py")
     return sweeps.parse_sweep(module.get_sweep(arg) if arg else module.get_sweep())
 
 
@@ -93,17 +93,12 @@ def train_in_process(trial, config, workdir):
     runs from --mode=print's commands)."""
     import jax
 
-    from train import loop
+    from launch import run_task
 
     # Set per trial: an earlier trial's choice must not leak into this one.
     jax.config.update("jax_default_prng_impl", config.prng_impl or "threefry2x32")
     try:
-        if config.task == "rag":  # Index, generator (through the loop), evaluation.
-            from retrieval import rag_run
-
-            results = rag_run.run(config, workdir)
-        else:
-            results = loop.train_and_evaluate(config, workdir)
+        results = run_task.run(config, workdir)
     finally:  # Each trial compiles its own steps; don't keep every trial's executables.
         jax.clear_caches()
     if "preempted_at_step" in results:  # SIGTERM: the trial saved; end the sweep too.
@@ -113,15 +108,14 @@ def train_in_process(trial, config, workdir):
 def prepare_data(configs):
     """Builds each distinct dataset and tokenizer once, here, before trials start in
     parallel: concurrent processes would each build them into the same directory."""
-    from train.data import sources, tokenizer
+    from train import tasks
 
     seen = set()
     for config in configs.values():
         key = json.dumps(config.data.to_dict(), sort_keys=True, default=repr)
         if key not in seen:
             seen.add(key)
-            sources.load_split(config.data, config.data.train_split)
-            tokenizer.get_tokenizer(config.data)
+            tasks.loop_task(config.task).prepare_data(config.data)
 
 
 def run_parallel(config_path, workdir, trials, cli_overrides, max_parallel, on_done):
@@ -221,7 +215,7 @@ def enable_compilation_cache(workdir):
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
-REPORTS = {"stages": "train.stages_report"}  # get_ablation's `report` -> its writer.
+REPORTS = {"stages": "train.experiments.stages_report"}  # get_ablation's `report` -> its writer.
 
 
 def load_ablation(config_path, workdir):

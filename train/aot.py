@@ -6,20 +6,16 @@ Run it before a pod job to catch an out-of-memory mesh in a minute instead of af
 queue: `python -m launch.main --config ... --workdir W --compile_only [--topology ...]`.
 """
 
-import json
 import math
 import os
 import time
 
 import jax
 import numpy as np
-from flax import linen as nn
 
-from train import checkpoints as ckpt
-from train import memory, model_setup, objectives, partitioning
-from train.data import masking
-from train.optimizer import optimizer_state_bytes
-from train.steps import make_train_step
+from train import memory, partitioning, tasks
+from train.run_files import atomic_write_json
+from train.trainer import build_trainer
 
 
 def topology_devices(topology):
@@ -47,22 +43,9 @@ def topology_devices(topology):
 
 
 def abstract_batch(config, mesh):
-    """The global train batch as ShapeDtypeStructs sharded over (data, fsdp)."""
-    data_cfg, b, length = config.data, config.data.batch_size, config.data.seq_len
-    sharding = partitioning.batch_sharding(mesh)
-
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
-
-    batch = {"tokens": spec((b, length), "int32"), "segment_ids": spec((b, length), "int32"),
-             "positions": spec((b, length), "int32"), "example_weight": spec((b,), "float32")}
-    if config.task == "mlm":
-        p = masking.max_predictions(data_cfg)
-        batch.update(mlm_positions=spec((b, p), "int32"), mlm_targets=spec((b, p), "int32"),
-                     mlm_weights=spec((b, p), "float32"))
-    else:
-        batch["labels"] = spec((b,), "int32")
-    return batch
+    """The global train batch of config.task's step, as ShapeDtypeStructs sharded over
+    (data, fsdp): the fields and shapes the task's iterators yield."""
+    return tasks.abstract_batch(config, partitioning.batch_sharding(mesh))
 
 
 def _bytes(tree):
@@ -72,45 +55,28 @@ def _bytes(tree):
 
 def compile_train_step(config, devices=None):
     """-> (compiled step, report dict). Allocates no parameters, optimizer state or batch."""
-    rules = tuple(tuple(r) for r in config.logical_axis_rules)
     devices = jax.devices() if devices is None else devices
-    mesh = partitioning.make_mesh(config.mesh, devices)
-    partitioning.check_batch_divides(config.data.batch_size, mesh)
-    model = model_setup.build_model(config)
-    tx, schedule, trainable = model_setup.build_optimizer(config, model)
-    class_weights = None
-    if config.train.class_weighted_loss:  # Values do not matter for compiling, shapes do.
-        class_weights = np.ones(config.model.num_classes, np.float32)
-    objective = objectives.make_objective(config, class_weights)
-    boxed, abstract = model_setup.abstract_train_state(model, tx, config.data.seq_len)
-    shardings = model_setup.state_shardings(boxed, mesh, rules)
-    state = ckpt.abstract_with_shardings(abstract, shardings)
-    batch = abstract_batch(config, mesh)
-    replicated = partitioning.replicated(mesh)
+    trainer = build_trainer(config, devices=devices)
+    abstract = trainer.setup.abstract
     start = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = jax.jit(
-            make_train_step(model, tx, objective, seed=config.seed,
-                            grad_accum_steps=config.optim.grad_accum_steps,
-                            schedule=schedule, trainable=trainable),
-            in_shardings=(shardings, partitioning.batch_sharding(mesh)),
-            out_shardings=(shardings, replicated), donate_argnums=(0,))
-        lowered = step.lower(state, batch)
+    with trainer.context():
+        lowered = trainer.train_step.lower(trainer.abstract_state(),
+                                           abstract_batch(config, trainer.mesh))
         lowered_s = time.perf_counter() - start
         compiled = lowered.compile()
     compile_s = time.perf_counter() - start - lowered_s
-    counts = model_setup.parameter_counts(abstract.params, trainable)
     report = {
-        "mesh": dict(mesh.shape),
-        "num_devices": mesh.size,
+        "task": config.task,
+        "mesh": dict(trainer.mesh.shape),
+        "num_devices": trainer.mesh.size,
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
         "batch_size": int(config.data.batch_size),
         "seq_len": int(config.data.seq_len),
-        "parameters": counts["total"],
-        "trainable": counts["trainable"],
+        "parameters": trainer.counts["total"],
+        "trainable": trainer.counts["trainable"],
         "param_bytes": _bytes(abstract.params),
-        "optimizer_state_bytes": optimizer_state_bytes(abstract.opt_state),
+        "optimizer_state_bytes": trainer.counts["optimizer_state_bytes"],
         "state_bytes": _bytes(abstract),
         "lower_s": lowered_s,
         "compile_s": compile_s,
@@ -143,7 +109,5 @@ def compile_only(config, workdir, topology=""):
     report["live_array_bytes"] = int(sum(x.nbytes for x in jax.live_arrays()))
     report["host_peak_rss_bytes"] = memory.host_peak_rss_bytes()
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "compile.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(os.path.join(workdir, "compile.json"), report)
     return report

@@ -3,13 +3,13 @@
 from model.attention import ATTENTION_IMPLS, MASK_MODES
 from model.initializers import INITS
 from model.transformer import HEADS
+from train import tasks
 from train.data.augmentation import check_rates
 from train.data.sampling import SAMPLINGS
 from train.optimizer import SCHEDULES
 from train.regularizers import TOWARD, check_strengths
 
 CHOICES = {
-    "task": ("classify", "mlm", "prefix_lm", "rag", "retriever"),
     "model.attention_mask": MASK_MODES,
     "model.init": INITS,
     "model.norm": ("pre", "post"),
@@ -42,19 +42,11 @@ def validate(config):
     unknown_heads = set(config.model.heads) - set(HEADS)
     if unknown_heads:
         raise ValueError(f"config.model.heads has {sorted(unknown_heads)}; expected from {HEADS}")
-    for task in ("classify", "mlm"):
-        if config.task == task and task not in config.model.heads:
-            raise ValueError(f"config.task={task!r} needs {task!r} in config.model.heads")
-    if config.task in ("prefix_lm", "rag") and (
-            "lm" not in config.model.heads or config.model.attention_mask != "prefix"):
-        raise ValueError(f"config.task={config.task!r} needs config.model.heads with 'lm' "
-                         f"and config.model.attention_mask='prefix'")
-    check_prefix_lm_fraction(config)
-    if config.task == "retriever" and (not config.get("retriever")
-                                       or config.model.attention_mask != "bidirectional"):
-        raise ValueError("config.task='retriever' needs a config.retriever section "
-                         "(configs/retriever.py) and config.model.attention_mask="
-                         "'bidirectional'")
+    task = tasks.get_task(config.task)  # An unknown task lists the registered ones.
+    task.check(config)
+    if task.loop_task:
+        tasks.get_task(task.loop_task).check(config)
+    check_prefix_lm_fraction(config, tasks.loop_task(config.task))
     impl, m = config.model.attention_impl, config.model
     if impl in ("cudnn", "splash") and m.attention_dropout > 0:
         raise ValueError(
@@ -91,27 +83,12 @@ def validate(config):
             f"config.model.num_heads={config.model.num_heads}; set config.model.head_dim")
 
 
-def check_prefix_lm_fraction(config):
-    """UniLM's mix (train/data/unilm.py): masked-LM pre-training with prefix-LM rows needs
-    the prefix mask and both heads; a prefix mask without those rows has no prefix."""
-    fraction, m = config.data.get("prefix_lm_fraction", 0.0), config.model
+def check_prefix_lm_fraction(config, task):
+    """UniLM's mix (data.prefix_lm_fraction; train/data/unilm.py) is a masked-LM option."""
+    fraction = config.data.prefix_lm_fraction
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"config.data.prefix_lm_fraction={fraction} must be in [0, 1)")
-    if fraction > 0 and config.task != "mlm":
+    if fraction > 0 and not task.mixes_prefix_lm:
         raise ValueError(f"config.data.prefix_lm_fraction={fraction} mixes prefix-LM rows "
                          f"into masked-LM pre-training, but config.task={config.task!r}; "
                          f"set it to 0.0 or use task 'mlm'")
-    if config.task != "mlm":
-        return
-    if fraction > 0 and (m.attention_mask != "prefix"
-                         or not {"mlm", "lm"} <= set(m.heads)):
-        raise ValueError(
-            f"config.data.prefix_lm_fraction={fraction} needs config.model.attention_mask="
-            f"'prefix' (has {m.attention_mask!r}) and config.model.heads with 'mlm' and "
-            f"'lm' (has {tuple(m.heads)}); configs/pretrain_mlm.py:unilm=<fraction> sets all "
-            f"three")
-    if fraction == 0 and m.attention_mask == "prefix":
-        raise ValueError(
-            "config.task='mlm' with config.model.attention_mask='prefix' needs prefix-LM "
-            "rows: set config.data.prefix_lm_fraction > 0 (configs/pretrain_mlm.py:"
-            "unilm=<fraction>) or config.model.attention_mask='bidirectional'")

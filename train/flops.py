@@ -38,3 +38,13 @@ def measured_peak_flops(size=None, dtype="float32"):
         matmul(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def peak_flops(devices=None):
+    """Peak FLOP/s of `devices` together (default: all). Fake CPU devices share their
+    host's cores: each process's measured peak counts once, however many devices it is
+    split into."""
+    devices = list(jax.devices() if devices is None else devices)
+    if devices[0].platform == "cpu":
+        return measured_peak_flops() * len({d.process_index for d in devices})
+    return measured_peak_flops() * len(devices)

@@ -233,22 +233,3 @@ def balanced_class_weights(label_counts):
     weights = np.zeros_like(counts)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return tuple(float(w) for w in weights)
-
-
-def make_objective(config, class_weights=None):
-    if config.task == "classify":
-        return Classification(
-            num_classes=config.model.num_classes, class_weights=class_weights,
-            label_smoothing=config.train.label_smoothing)
-    if config.task == "mlm":
-        # UniLM's mix of prefix-LM rows (train/data/unilm.py) needs both losses.
-        if config.data.get("prefix_lm_fraction", 0.0) > 0:
-            return MaskedAndPrefixLM()
-        return MaskedLM()
-    if config.task == "prefix_lm":
-        return PrefixLM()
-    if config.task == "retriever":
-        return Contrastive(temperature=config.retriever.temperature,
-                           symmetric=config.retriever.symmetric_loss)
-    raise ValueError(f"config.task={config.task!r}; expected one of ('classify', 'mlm', "
-                     f"'prefix_lm', 'retriever')")

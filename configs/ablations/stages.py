@@ -4,7 +4,7 @@ r"""The stages compared side by side on WordNet: one ablation, one report.
   python -m launch.sweep --config configs/ablations/stages.py:scale=full --workdir W
 
 Parts (each a resumable sweep in `W/<part>/`, run in this order; `W/report.md` at the end,
-written by train/stages_report.py):
+written by train/experiments/stages_report.py):
   pretrain   BERT-style MLM pre-training on the training synsets' glosses and examples.
   scratch    supervised training from random init at 1%, 10% and 100% of the labels,
   finetune   the same runs (same steps, batch, seeds, model) from the MLM checkpoint:
@@ -20,17 +20,18 @@ written by train/stages_report.py):
              on validation, reported on test.
 
 Equal budgets: every supervised run takes the same steps, batch and sequence length;
-methods use their own default learning rate (configs/finetune.py METHOD_LR, scaled by
+methods use their own default learning rate (model/finetune_methods.py, scaled by
 `lr_scale` for the small model). `scale=demo` (default) fits a 2-core CPU in minutes
 (the tiny model, seed 0); `scale=full` is meant for an accelerator (the mini model,
 longer runs, three seeds, the full RAG config).
 """
 
 from configs import common
+from model import finetune_methods
 
-# Every fine-tuning method but `full` (the `finetune` part's 100%-label run is it).
-METHODS = ("linear_probe", "freeze", "bitfit", "layerwise_lr_decay", "lora", "adapters",
-           "ia3", "prompt_tuning", "prefix_tuning")
+# Every fine-tuning method but `full` (the `finetune` part's 100%-label run is it), in
+# the table's order.
+METHODS = tuple(m for m in finetune_methods.METHODS if m != "full")
 LABEL_FRACTIONS = [0.01, 0.1, 1.0]
 MLM_VOCAB, MLM_MAX_LEN = 8192, 128  # configs/pretrain_mlm.py's, which the generator loads.
 SCALES = {

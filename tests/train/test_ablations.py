@@ -8,7 +8,7 @@ import re
 import pytest
 
 from launch import sweep as launch_sweep
-from train import ablations, sweeps
+from train.experiments import ablations, sweeps
 
 STAGES = "configs/ablations/stages.py"
 

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from configs import finetune
 from model.transformer import Model, resolve
-from train import model_setup, objectives
+from train import model_setup, tasks
 from train.data import pipeline, sources
 from train.data import tokenizer as tokenizers
 from train.init_from import init_params_from
@@ -74,7 +74,7 @@ def test_method_trains_from_minilm(method, batch):
     assert all(n.startswith("classify_head/") or "lora_" in n or "ia3_" in n
                or "prompt" in n or "prefix_" in n or "adapter" in n
                for n in report["initialised"]), report["initialised"]
-    step = jax.jit(make_train_step(model, tx, objectives.make_objective(config), seed=0,
+    step = jax.jit(make_train_step(model, tx, tasks.get_task(config.task).objective(config), seed=0,
                                    schedule=schedule, trainable=trainable))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(params))

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import scratch
+from launch import run_task
 from train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +37,7 @@ def read_jsonl(path):
 @pytest.mark.slow
 def test_scratch_runlocal_end_to_end(wordnet_data_dir, tmp_path):
     config = runlocal_config(wordnet_data_dir, num_steps=60, eval_every=30, log_every=10)
-    results = loop.train_and_evaluate(config, str(tmp_path))
+    results = run_task.run(config, str(tmp_path))  # What launch.main runs: loop + plots.
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
     first, last = records[0]["train/loss"], records[-1]["train/loss"]

@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from configs.common import base_config, model_config
-from train import model_setup, objectives, param_rules
+from train import model_setup, param_rules, tasks
 from train.optimizer import make_optimizer, optimizer_state_bytes
 from train.steps import TrainState, make_train_step
 
@@ -169,7 +169,7 @@ def test_frozen_bitwise_unchanged_after_real_steps(model, params):
     abstract = jax.eval_shape(lambda: params)
     tx, schedule = make_optimizer(config.optim, 3, abstract)
     mask = param_rules.trainable_mask(abstract, rules)
-    step = jax.jit(make_train_step(model, tx, objectives.make_objective(config), seed=0,
+    step = jax.jit(make_train_step(model, tx, tasks.get_task(config.task).objective(config), seed=0,
                                    schedule=schedule, trainable=mask))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(params))

@@ -7,7 +7,7 @@ import pytest
 from flax import linen as nn
 
 from configs.common import LOGICAL_AXIS_RULES, base_config, model_config
-from train import model_setup, objectives, partitioning
+from train import model_setup, partitioning, tasks
 from train.data.pipeline import to_global_batch
 from train.optimizer import make_optimizer
 from train.steps import make_train_step
@@ -47,7 +47,7 @@ def loss_trajectory(config, devices):
     rules = LOGICAL_AXIS_RULES
     model = model_setup.build_model(config)
     tx, schedule = make_optimizer(config.optim, STEPS)
-    objective = objectives.make_objective(config)
+    objective = tasks.get_task(config.task).objective(config)
     boxed, _ = model_setup.abstract_train_state(model, tx, SEQ)
     shardings = model_setup.state_shardings(boxed, mesh, rules)
     state = model_setup.init_train_state(model, tx, SEQ, 0, shardings)

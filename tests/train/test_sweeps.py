@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from configs import finetune
 from launch import sweep as launch_sweep
-from train import sweep_report, sweeps
+from train.experiments import sweep_report, sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from configs.common import base_config, model_config
-from train import model_setup, objectives, param_rules
+from train import model_setup, param_rules, tasks
 from train.steps import TrainState, make_train_step
 from train.unfreezing import gradual_unfreezing, unfreeze_phase, unfreeze_steps
 
@@ -40,7 +40,7 @@ def run_steps(c, num_steps):
     params = jax.jit(lambda k: nn.unbox(model.init(
         {"params": k}, jnp.zeros((1, SEQ), jnp.int32), heads=model.cfg.heads)["params"]))(
         jax.random.key(0))
-    step = jax.jit(make_train_step(model, tx, objectives.make_objective(c), seed=0,
+    step = jax.jit(make_train_step(model, tx, tasks.get_task(c.task).objective(c), seed=0,
                                    schedule=schedule, trainable=trainable))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(params))

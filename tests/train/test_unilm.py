@@ -17,7 +17,7 @@ from flax import linen as nn
 from configs import pretrain_mlm
 from model.attention import make_attention_mask
 from model.transformer import Model, resolve
-from train import config_checks, loop, model_setup, objectives
+from train import config_checks, loop, model_setup, objectives, tasks
 from train.data import masking, unilm
 from train.init_from import init_params_from
 
@@ -248,9 +248,9 @@ def test_combined_loss_is_both_cross_entropies():
     np.testing.assert_allclose(step["lm_loss"], report["lm_loss"], rtol=1e-6)
 
     config = pretrain_mlm.get_config("runlocal,unilm=0.5")
-    assert isinstance(objectives.make_objective(config), objectives.MaskedAndPrefixLM)
+    assert isinstance(tasks.get_task(config.task).objective(config), objectives.MaskedAndPrefixLM)
     config = pretrain_mlm.get_config("runlocal")
-    assert isinstance(objectives.make_objective(config), objectives.MaskedLM)
+    assert isinstance(tasks.get_task(config.task).objective(config), objectives.MaskedLM)
 
 
 # --- (3) The attention of a packed prefix-LM row --------------------------------------

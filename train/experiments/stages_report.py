@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from train import ablations, sweep_report
+from train.experiments import ablations, sweep_report
 
 _MB = 2 ** 20
 

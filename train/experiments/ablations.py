@@ -10,7 +10,7 @@ A config file may define `get_ablation(arg)` (instead of `get_sweep`) returning
                      overrides={"init_from": "{workdir}/pretrain/seed=0"}), ...],
          report="stages")
 
-Each part is a sweep (train/sweeps.py) run in `<workdir>/<name>/`; parts run in
+Each part is a sweep (train/experiments/sweeps.py) run in `<workdir>/<name>/`; parts run in
 declaration order, so a later part may start from an earlier part's run:
 `{workdir}` in an override value is the ablation's workdir. `overrides` apply to every
 trial of the part (as `--config.<key>=<value>` would). `report` names the report
@@ -23,7 +23,7 @@ import json
 import os
 import re
 
-from train import sweeps
+from train.experiments import sweeps
 
 PART_FIELDS = ("name", "config", "sweep", "overrides", "title")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

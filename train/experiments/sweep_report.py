@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from train.sweeps import format_value, short_names
+from train.experiments.sweeps import format_value, short_names
 
 # Order of the metric columns by their first path component; the rest follow, sorted.
 _COLUMN_RANK = ("step", "train_time_s", "parameters", "peak_memory", "data", "forgetting")

@@ -1,0 +1,45 @@
+"""Prefix-LM (task "prefix_lm"): an answer decoded after a bidirectional prompt, from
+(question, passages, answer) examples a runner wrote to data.qa_dir."""
+
+from train import objectives
+from train.data import prefix_lm
+from train.tasks.registry import Task, register
+
+
+def check_generator(config):
+    """A prefix-LM generator: the lm head over a prefix mask (prefix_lm and rag)."""
+    if "lm" not in config.model.heads or config.model.attention_mask != "prefix":
+        raise ValueError(f"config.task={config.task!r} needs config.model.heads with 'lm' "
+                         f"and config.model.attention_mask='prefix'")
+
+
+class PrefixLM(Task):
+    name = "prefix_lm"
+    prepared_corpus = False  # Examples in data.qa_dir, written before the loop.
+
+    def check(self, config):
+        check_generator(config)
+
+    def load_split(self, data_cfg, split):
+        return prefix_lm.load_split(data_cfg, split)
+
+    def train_iterator(self, source, tok, data_cfg, seed):
+        return prefix_lm.make_train_iterator(source, tok, data_cfg, seed=seed)
+
+    def eval_iterator(self, source, tok, data_cfg):
+        return prefix_lm.make_eval_iterator(source, tok, data_cfg)
+
+    def objective(self, config, train_source=None):
+        return objectives.PrefixLM()
+
+    def batch_fields(self, config, rows):
+        length = config.data.seq_len
+        return super().batch_fields(config, rows) | {
+            "prefix_mask": ((rows, length), "bool"), "targets": ((rows, length), "int32"),
+            "target_weights": ((rows, length), "float32")}
+
+    def lm_positions_fraction(self, config):
+        return 1.0  # The LM head runs at every position.
+
+
+register(PrefixLM())
