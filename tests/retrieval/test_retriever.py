@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -152,3 +153,44 @@ def test_every_method_builds_without_the_head_rules(method):
 def test_linear_probe_is_refused():
     with pytest.raises(ValueError, match="linear_probe"):
         retriever_config.get_config("method=linear_probe")
+
+
+SWEEP_CONFIG = '''from configs import retriever
+
+
+def get_config(arg=None):
+    config = retriever.get_config("runlocal,method=lora")
+    config.data.seq_len = config.model.max_len = 32
+    config.data.batch_size = config.data.eval_batch_size = 16
+    config.train.update(num_steps=2, eval_every=2, checkpoint_every=2, log_every=1,
+                        eval_steps=1, final_eval_steps=1, progress=False)
+    config.retriever.update(kb_size=60, max_train_questions=64, max_eval_questions=16,
+                            recall_at=(1, 5))
+    return config
+
+
+def get_sweep(arg=None):
+    return dict(grid={"optim.lr": [1e-3]}, metric="validation/accuracy")
+'''
+
+
+@pytest.mark.slow
+def test_sequential_sweep_runs_a_retriever_trial_on_its_pairs(tmp_path, wordnet_files_dir):
+    """launch.sweep --mode=sequential once ran retriever trials without their runner."""
+    from launch import sweep as launch_sweep
+
+    path = tmp_path / "retriever_sweep.py"
+    path.write_text(SWEEP_CONFIG)
+    workdir = tmp_path / "sweep"
+    failed = launch_sweep.run_sweep(str(path), str(workdir), mode="sequential")
+    assert failed == []
+    trial = workdir / "lr=0.001"
+    # The runner wrote the (question, passage) pairs the loop trained on, and measured
+    # recall around training.
+    train_pairs = pairs.load_split(ml_collections.ConfigDict({"qa_dir": str(trial / "qa")}),
+                                   "train")
+    assert len(train_pairs) == 64 and {"question", "passage"} <= set(train_pairs[0])
+    with open(trial / "results.json") as f:
+        results = json.load(f)
+    assert {"recall_before", "recall_after", "knowledge_base"} <= set(results)
+    assert results["step"] == 2
