@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from model import config as model_config
 from model import hf_bert
 from model.transformer import Model, resolve
 
@@ -94,11 +95,9 @@ def embed_texts(params, model, tokenizer, texts, batch_size=64, max_len=256,
 
 
 def hf_model_config(fields):
-    """Model fields from `hf_bert.model_fields` -> a full `config.model` ConfigDict for
-    encoding only (no head)."""
-    from configs import common
-
-    return common.model_config(**fields, heads=())
+    """Model fields from `hf_bert.model_fields` (the shape included) -> a full
+    `config.model` ConfigDict for encoding only (no head)."""
+    return ml_collections.ConfigDict(dict(model_config.DEFAULTS, **fields, heads=()))
 
 
 def load_encoder(spec):

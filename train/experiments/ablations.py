@@ -26,7 +26,7 @@ import re
 from train.experiments import sweeps
 
 PART_FIELDS = ("name", "config", "sweep", "overrides", "title")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass(frozen=True)

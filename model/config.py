@@ -1,0 +1,47 @@
+"""Every field of `config.model` but its shape, with its default.
+
+The shape (num_layers, hidden, num_heads, mlp_dim) has none: configs/common.py
+MODEL_SIZES names shapes, a checkpoint's config.json gives its own
+(model/hf_bert.py `model_fields`). `resolve` (model/transformer.py) takes these fields
+plus the shape. configs/common.py `model_config` and train/embedding.py build on DEFAULTS.
+"""
+
+DEFAULTS = dict(
+    vocab_size=8192,
+    max_len=512,
+    type_vocab_size=0,  # BERT's token-type (segment A/B) embeddings; 0 disables.
+    head_dim=-1,  # -1: hidden // num_heads.
+    dropout=0.1,
+    attention_dropout=0.1,
+    norm="post",  # "pre" (GPT-2/T5) or "post" (original BERT).
+    layer_norm_eps=1e-12,
+    init="truncated_normal",  # "truncated_normal" (BERT) | "xavier" | "he".
+    init_std=0.02,  # Used by truncated_normal.
+    dtype="float32",  # Compute dtype; bfloat16 on accelerators.
+    param_dtype="float32",
+    attention_mask="bidirectional",  # "bidirectional" | "causal" | "prefix".
+    # "learned" (BERT's position table) | "rope" (rotary, in attention: relative
+    # offsets, what copying from context needs; no import/export to BERT).
+    position_embedding="learned",
+    # "xla" (einsum reference) | "dot_product" (jax.nn) | "cudnn" (GPU flash) |
+    # "splash" (TPU Pallas) | "auto" (the platform's kernel where it applies, else
+    # xla). cudnn and splash need attention_dropout=0 (model/attention.py).
+    attention_impl="xla",
+    remat="none",  # "none" | "full" | "dots_saveable": activation rematerialisation.
+    num_classes=45,
+    pooling="cls",  # "cls" | "mean" for the sequence classification head.
+    heads=("classify",),  # Any of "classify", "mlm", "lm".
+    mlm_transform=True,  # BERT's dense+gelu+LN before the tied MLM decoder.
+    # Parameter-efficient fine-tuning (model/finetune_methods.py); all off here.
+    lora_rank=0,  # LoRA rank r (model/lora.py); 0 = off.
+    lora_alpha=16.0,  # The update is scaled by lora_alpha / lora_rank.
+    lora_targets="query|value",  # Regex over query|key|value|out|wi|wo.
+    lora_dropout=0.0,  # Dropout on the LoRA branch's input.
+    ia3=False,  # (IA)^3: learned scales of keys, values and the MLP hidden.
+    prompt_length=0,  # Prompt tuning: learned input vectors after [CLS]; 0 = off.
+    prefix_length=0,  # Prefix tuning: learned keys/values per layer; 0 = off.
+    # > 0: prefixes come from an MLP of this width (Li & Liang's reparameterisation),
+    # folded into plain prefixes after training (model/prefix.py). 0 = free prefixes.
+    prefix_mlp_dim=0,
+    adapter_dim=0,  # Houlsby adapters' bottleneck width; 0 = off.
+)
