@@ -6,6 +6,8 @@ e.g. `configs/scratch.py:runlocal,size=base`. `parse_arg` turns it into a Config
 
 import ml_collections
 
+from model import config as model_fields
+
 # Model shapes by name. `base` is BERT-base; `small` is the benchmark's SMALL shape.
 MODEL_SIZES = {
     "tiny": dict(num_layers=2, hidden=64, num_heads=4, mlp_dim=128),
@@ -72,49 +74,10 @@ def parse_arg(arg, **defaults):
 
 
 def model_config(size="small", **overrides):
+    """The model fields (model/config.py DEFAULTS) of shape `size`, then `overrides`."""
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
-    m = ml_collections.ConfigDict(
-        dict(
-            vocab_size=8192,
-            max_len=512,
-            type_vocab_size=0,  # BERT's token-type (segment A/B) embeddings; 0 disables.
-            head_dim=-1,  # -1: hidden // num_heads.
-            dropout=0.1,
-            attention_dropout=0.1,
-            norm="post",  # "pre" (GPT-2/T5) or "post" (original BERT).
-            layer_norm_eps=1e-12,
-            init="truncated_normal",  # "truncated_normal" (BERT) | "xavier" | "he".
-            init_std=0.02,  # Used by truncated_normal.
-            dtype="float32",  # Compute dtype; bfloat16 on accelerators.
-            param_dtype="float32",
-            attention_mask="bidirectional",  # "bidirectional" | "causal" | "prefix".
-            # "learned" (BERT's position table) | "rope" (rotary, in attention: relative
-            # offsets, what copying from context needs; no import/export to BERT).
-            position_embedding="learned",
-            # "xla" (einsum reference) | "dot_product" (jax.nn) | "cudnn" (GPU flash) |
-            # "splash" (TPU Pallas) | "auto" (the platform's kernel where it applies, else
-            # xla). cudnn and splash need attention_dropout=0 (model/attention.py).
-            attention_impl="xla",
-            remat="none",  # "none" | "full" | "dots_saveable": activation rematerialisation.
-            num_classes=45,
-            pooling="cls",  # "cls" | "mean" for the sequence classification head.
-            heads=("classify",),  # Any of "classify", "mlm", "lm".
-            mlm_transform=True,  # BERT's dense+gelu+LN before the tied MLM decoder.
-            # Parameter-efficient fine-tuning (configs/finetune.py `method=`); all off here.
-            lora_rank=0,  # LoRA rank r (model/lora.py); 0 = off.
-            lora_alpha=16.0,  # The update is scaled by lora_alpha / lora_rank.
-            lora_targets="query|value",  # Regex over query|key|value|out|wi|wo.
-            lora_dropout=0.0,  # Dropout on the LoRA branch's input.
-            ia3=False,  # (IA)^3: learned scales of keys, values and the MLP hidden.
-            prompt_length=0,  # Prompt tuning: learned input vectors after [CLS]; 0 = off.
-            prefix_length=0,  # Prefix tuning: learned keys/values per layer; 0 = off.
-            # > 0: prefixes come from an MLP of this width (Li & Liang's reparameterisation),
-            # folded into plain prefixes after training (model/prefix.py). 0 = free prefixes.
-            prefix_mlp_dim=0,
-            adapter_dim=0,  # Houlsby adapters' bottleneck width; 0 = off.
-        )
-    )
+    m = ml_collections.ConfigDict(dict(model_fields.DEFAULTS))
     m.update(MODEL_SIZES[size])
     m.update(overrides)
     return m
@@ -259,6 +222,46 @@ def base_config():
         )
     )
 
+    # The RAG stage (task="rag", configs/rag.py, retrieval/rag_run.py).
+    c.rag = ml_collections.ConfigDict(
+        dict(
+            encoder="hf:minilm",  # The retriever: train.embedding.load_encoder spec.
+            k=3,  # Passages retrieved and packed per question.
+            kb_size=0,  # Passages in the knowledge base; 0: every synset (117,659).
+            question_kinds=("hypernym", "gloss"),
+            max_train_questions=0,  # 0: all the KB's training-split questions.
+            max_eval_questions=2000,  # Per held-out split.
+            # Training distractors: "retrieved" (top-k over the KB's training passages) or
+            # "random" (RAFT's sampled ones; training questions from every training synset).
+            train_distractors="retrieved",
+            distractor_fraction=0.2,  # RAFT: examples whose passages are all distractors.
+            no_context_fraction=0.1,  # Examples with no passages (closed-book practice).
+            new_info_passages=200,  # Test passages held out of the index, then upserted.
+            encode_batch_size=64,
+            decode_batch_size=64,
+            # Re-retrieve every N generated answer pieces with the answer so far added to
+            # the query; 0: retrieve once, before decoding.
+            reretrieve_every=0,
+        )
+    )
+
+    # Retriever training (task="retriever", configs/retriever.py, retrieval/retriever_run.py).
+    c.retriever = ml_collections.ConfigDict(
+        dict(
+            temperature=0.05,  # logits = cos(q, p) / temperature.
+            symmetric_loss=False,  # Also passage -> question cross-entropy, averaged.
+            kb_size=0,  # Passages in the knowledge base; 0: every synset (117,659).
+            question_kinds=("hypernym", "gloss"),
+            max_train_questions=0,  # 0: every training-split question.
+            max_eval_questions=2000,  # Per held-out split.
+            # rag_run.knowledge_base: "random" takes training questions from every
+            # training-split synset (not only the KB's); no distractors are used here.
+            train_distractors="random",
+            recall_at=(1, 5, 20),
+            encode_batch_size=64,
+        )
+    )
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # Multi-host (train/distributed.py): unset ("" / -1) fields come from $STRATA_* or are
     # detected (Cloud TPU, SLURM); all unset and nothing detected: one process.
@@ -290,4 +293,27 @@ def apply_runlocal(c):
     c.train.eval_every = 30
     c.train.eval_steps = 4
     c.train.checkpoint_every = 30
+    return c
+
+
+def apply_hf(c, alias, pooling=None, weights=True):
+    """Use the pre-trained Hugging Face BERT `alias` (`hf=` of the configs): a PRETRAINED
+    name (`minilm`) or a checkpoint directory.
+
+    Sets its WordPiece vocabulary and, with `weights`, init_from=hf:<alias> and, for a
+    PRETRAINED name, its architecture (a directory's: train/init_from.py's start-up check
+    names the `--config.model.*` overrides its config.json needs); without, a PRETRAINED
+    name's vocabulary size only. `pooling`: "mean" for a sentence-embedding checkpoint
+    pooled as it was trained; None keeps the config's.
+    """
+    fields = PRETRAINED.get(alias, {})
+    if weights:
+        c.init_from = f"hf:{alias}"
+        c.model.update(fields)
+    elif "vocab_size" in fields:
+        c.model.vocab_size = fields["vocab_size"]
+    c.data.tokenizer, c.data.tokenizer_path = "wordpiece", f"hf:{alias}"
+    c.data.vocab_size = c.model.vocab_size  # Unused by WordPiece; kept consistent.
+    if pooling:
+        c.model.pooling = pooling
     return c

@@ -20,8 +20,6 @@ decode on over the newly packed passages (retrieval/rag.py `Rag`); results.json 
 a "rag_reretrieve" mode, and launch.ask uses it.
 """
 
-import ml_collections
-
 from configs import common
 
 
@@ -45,25 +43,8 @@ def get_config(arg=None):
     c.train.final_eval_steps = 16
     c.train.best_metric = "eval/loss"
     c.train.best_mode = "min"
-    c.rag = ml_collections.ConfigDict(dict(
-        encoder="hf:minilm",  # The retriever: train.embedding.load_encoder spec.
-        k=3,  # Passages retrieved and packed per question.
-        kb_size=0,  # Passages in the knowledge base; 0: every synset (117,659).
-        question_kinds=("hypernym", "gloss"),
-        max_train_questions=0,  # 0: all the KB's training-split questions.
-        max_eval_questions=2000,  # Per held-out split.
-        # Training distractors: "retrieved" (top-k over the KB's training passages) or
-        # "random" (RAFT's sampled ones; training questions from every training synset).
-        train_distractors="retrieved",
-        distractor_fraction=0.2,  # RAFT: examples whose passages are all distractors.
-        no_context_fraction=0.1,  # Examples with no passages (closed-book practice).
-        new_info_passages=200,  # Test passages held out of the index, then upserted.
-        encode_batch_size=64,
-        decode_batch_size=64,
-        # Re-retrieve every N generated answer pieces with the answer so far added to
-        # the query; 0: retrieve once, before decoding.
-        reretrieve_every=0,
-    ))
+    # config.rag (common.base_config: encoder, k, knowledge base, RAFT fractions, ...) keeps
+    # its defaults: the full-size run.
     if arg.runlocal:
         common.apply_runlocal(c)  # The tiny model.
         c.model.max_len = c.data.seq_len = 96
@@ -82,7 +63,5 @@ def get_config(arg=None):
                      question_kinds=("hypernym",), train_distractors="random",
                      max_train_questions=40_000)
     if arg.hf:  # A pre-trained BERT as the generator (UniLM: BERT weights, prefix-LM).
-        c.init_from = f"hf:{arg.hf}"
-        c.data.tokenizer, c.data.tokenizer_path = "wordpiece", f"hf:{arg.hf}"
-        c.model.update(common.PRETRAINED.get(arg.hf, {}))  # Its max_len too (>= seq_len).
+        common.apply_hf(c, arg.hf)  # Its max_len too (>= seq_len).
     return c

@@ -25,17 +25,11 @@ The KB is every synset (117,659 passages, as configs/rag.py) unless
 `--config.retriever.kb_size=N`; recall embeds it twice (before and after).
 """
 
-import ml_collections
-
 from configs import common, finetune
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, method="full", size="mini", runlocal=False, freeze_blocks=2,
-                           freeze_embeddings=True, norm_offsets=False, lora_rank=8,
-                           lora_alpha=16.0, lora_targets="query|value", prompt_length=20,
-                           prefix_length=20, prefix_mlp_dim=0, adapter_dim=64,
-                           adapter_norms=True, layer_decay=0.75, hf="minilm")
+    arg = finetune.parse_method_arg(arg, size="mini", runlocal=False, hf="minilm")
     if arg.method == "linear_probe":
         raise ValueError("configs/retriever.py: method=linear_probe trains only a head and "
                          "the retriever has none; use bitfit, lora, adapters, freeze, ...")
@@ -44,19 +38,12 @@ def get_config(arg=None):
     # No head: the loss reads the encoder's mean-pooled hidden states.
     c.model = common.model_config("tiny" if arg.runlocal else arg.size, heads=(),
                                   pooling="mean")
-    if arg.hf and not arg.runlocal:
-        c.init_from = f"hf:{arg.hf}"
-        c.model.update(common.PRETRAINED.get(arg.hf, {}))
-    c.data.tokenizer, c.data.tokenizer_path = "wordpiece", f"hf:{arg.hf or 'minilm'}"
+    # runlocal and `hf=`: a random-init model, with MiniLM's vocabulary all the same.
+    common.apply_hf(c, arg.hf or "minilm", weights=bool(arg.hf) and not arg.runlocal)
     c.model.vocab_size = c.data.vocab_size = 30522  # BERT's uncased WordPiece vocabulary.
-    c.model.update(finetune.method_model_fields(arg))
-    # The fine-tuning methods' rules less the classification head's.
-    c.optim.param_rules = tuple(r for r in finetune.method_rules(arg, c.model.num_layers)
-                                if r[0] != finetune.HEAD)
-    if arg.method == "layerwise_lr_decay":
-        c.optim.layerwise_lr_decay = arg.layer_decay
+    method = finetune.apply_method(c, arg, head=False)
     # Full fine-tuning of a pre-trained encoder takes small steps; few parameters larger.
-    c.optim.lr = 3e-5 if arg.method in ("full", "freeze", "layerwise_lr_decay") else 1e-3
+    c.optim.lr = 3e-5 if method.whole_model else 1e-3
     c.optim.warmup_steps = 50
     c.data.seq_len = 128  # Passages are up to ~100 pieces; questions shorter.
     c.data.batch_size = 64  # Pairs: each query has 63 in-batch negatives.
@@ -66,19 +53,8 @@ def get_config(arg=None):
     c.train.eval_every = 250
     c.train.checkpoint_every = 250
     c.train.eval_steps = 8
-    c.retriever = ml_collections.ConfigDict(dict(
-        temperature=0.05,  # logits = cos(q, p) / temperature.
-        symmetric_loss=False,  # Also passage -> question cross-entropy, averaged.
-        kb_size=0,  # Passages in the knowledge base; 0: every synset (117,659).
-        question_kinds=("hypernym", "gloss"),
-        max_train_questions=0,  # 0: every training-split question.
-        max_eval_questions=2000,  # Per held-out split.
-        # rag_run.knowledge_base: "random" takes training questions from every
-        # training-split synset (not only the KB's); no distractors are used here.
-        train_distractors="random",
-        recall_at=(1, 5, 20),
-        encode_batch_size=64,
-    ))
+    # config.retriever (common.base_config: temperature, knowledge base, recall_at, ...)
+    # keeps its defaults.
     if arg.runlocal:
         c.model.max_len = c.data.seq_len = 64
         c.optim.lr = 1e-3

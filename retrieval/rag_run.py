@@ -10,26 +10,33 @@
     W/results.json       EM / F1 closed-book, RAG (exact, ScaNN), oracle, and with
                          `rag.reretrieve_every` > 0 RAG re-retrieving during decoding
                          ("rag_reretrieve"); recall@k; the new-information experiment;
-                         timings
+                         timings. Written last (atomically, by process 0): it marks the
+                         run finished
 
-1. Knowledge base and questions (retrieval/wordnet_qa.py), split by synset.
-2. Index: every passage embedded with the retriever encoder (all-MiniLM-L6-v2); built or
-   loaded (a saved index from another encoder is refused).
-3. Generator examples, RAFT style: each training question with k passages: its own and
+Stages (`run` calls them in order):
+1. `knowledge_base`: passages and questions (retrieval/wordnet_qa.py), split by synset.
+2. `build_or_load_index`: every passage embedded with the retriever encoder
+   (all-MiniLM-L6-v2) and indexed, or the saved index loaded (one from another encoder
+   or knowledge base is refused).
+3. `generator_data`: the tokenizer, the questions that fit the prompt, and the generator
+   examples, RAFT style: each training question with k passages: its own and
    distractors, either retrieved (`train_distractors="retrieved"`: top-k from an index of
    the KB's *training-split* passages; the answer passage at its retrieved rank, or a
    random one where retrieval missed it) or sampled (`"random"`, as RAFT: random
    training passages, so questions can come from every training synset without
    embedding them). A `distractor_fraction` of examples has the answer passage removed
    (k distractors), a `no_context_fraction` has no passages at all.
-4. The generator trains through train.loop (or resumes / loads when already trained).
-5. Evaluation on held-out (test-split) questions; then "new information": the passages of
-   some test questions are deleted from the index, the questions answered (before),
-   the passages embedded and upserted with no training, the questions answered (after).
+4. `train_generator`: train.loop (or resumes / loads when already trained). Preempted
+   (SIGTERM), the run stops here without results.json; running it again resumes.
+5. `new_information`: the passages of some test questions are deleted from the index,
+   the questions answered (before), the passages embedded and upserted with no
+   training, the questions answered (after).
+6. `evaluate_retrieval`, `evaluate_answers`: held-out (test-split) questions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -49,6 +56,7 @@ from retrieval.index_store import encoder_fingerprint, load_index, save_index
 from train.data import prefix_lm
 from train.data import tokenizer as tokenizers
 from train.embedding import load_encoder, unflatten
+from train.run_files import atomic_write_json, write_results
 
 log = logging.getLogger("strata")
 
@@ -157,7 +165,7 @@ def load_rag(workdir) -> tuple[rag_lib.Rag, ml_collections.ConfigDict]:
     retriever = rag_lib.Retriever(encoder, saved.index, saved.passages,
                                   batch_size=config.rag.encode_batch_size)
     return rag_lib.Rag(retriever, load_generator(os.path.join(workdir, "generator")),
-                       reretrieve_every=config.rag.get("reretrieve_every", 0)), config
+                       reretrieve_every=config.rag.reretrieve_every), config
 
 
 def _tokenizer_path(config, workdir, passages, train_questions):
@@ -195,162 +203,48 @@ def _progress_log(what: str, total: int, every_s: float = 30.0):
     return progress
 
 
-# --- The run ------------------------------------------------------------------------------
+# --- The run, stage by stage --------------------------------------------------------------
+
+@contextlib.contextmanager
+def timed(timings: dict, key: str):
+    """`timings[key]` = the seconds the `with` block took (set when it finishes)."""
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
+
 
 def run(config, workdir):
-    """Builds / loads everything, evaluates, writes W/results.json; returns the results."""
-    from train import loop
+    """Builds / loads everything, evaluates, writes W/results.json; returns the results.
 
+    Preempted (SIGTERM) while the generator trains: returns the loop's
+    {"preempted_at_step": step} and writes no results.json, so a re-run (or a sweep, which
+    counts a trial with results.json as finished) resumes from the generator's checkpoint.
+    """
     rc, timings = config.rag, {}
-    if rc.get("reretrieve_every", 0) < 0:  # Before the hours of training, not after.
+    if rc.reretrieve_every < 0:  # Before the hours of training, not after.
         raise ValueError(f"config.rag.reretrieve_every={rc.reretrieve_every}; expected >= 0 "
                          f"(0 = off)")
     os.makedirs(workdir, exist_ok=True)
-    start = time.perf_counter()
-    passages, questions, train_passages = knowledge_base(config)
-    timings["knowledge_base_s"] = time.perf_counter() - start
+    with timed(timings, "knowledge_base_s"):
+        passages, questions, train_passages = knowledge_base(config)
     log.info("Knowledge base: %d passages; questions %s", len(passages),
              {s: len(q) for s, q in questions.items()})
-
-    # --- Retriever and index ---------------------------------------------------------
-    encoder = load_encoder(rc.encoder)
-    fingerprint = encoder_fingerprint(encoder[0])
-    index_dir = os.path.join(workdir, "index")
-    index_cfg = IndexConfig.from_config(config.index)
-    if os.path.isfile(os.path.join(index_dir, "index.json")):
-        saved = load_index(index_dir, expected_fingerprint=fingerprint)
-        if set(saved.index.ids) != set(passages):
-            raise ValueError(f"{index_dir} indexes another knowledge base "
-                             f"({len(saved.index)} passages, {len(passages)} expected); "
-                             f"delete it or use another workdir")
-        index = saved.index
-        retriever = rag_lib.Retriever(encoder, index, dict(passages), rc.encode_batch_size)
-    else:
-        retriever = rag_lib.Retriever(encoder, None, dict(passages), rc.encode_batch_size)
-        ids = list(passages)
-        t = time.perf_counter()
-        vectors = retriever.embed([passages[i] for i in ids],
-                                  progress=_progress_log("Embedding passages", len(ids)))
-        timings["embed_passages_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        index = build_index(vectors, ids, index_cfg)
-        timings["index_build_s"] = time.perf_counter() - t
-        save_index(index_dir, index, encoder_fingerprint=fingerprint, passages=passages)
-        retriever.index = index
+    retriever, index = build_or_load_index(config, workdir, passages, timings)
     exact = ExactIndex(index.vectors, index.ids)
+    gen, questions, too_long, question_vectors = generator_data(
+        config, workdir, retriever, exact, passages, questions, train_passages, timings)
+    gen_results = train_generator(gen, workdir, timings)
+    if "preempted_at_step" in gen_results:  # Checkpointed; not finished.
+        return gen_results
+    atomic_write_json(os.path.join(workdir, "config.json"), gen.to_dict() | {"task": "rag"})
+    rag = rag_lib.Rag(retriever, load_generator(os.path.join(workdir, "generator")))
 
-    # --- Generator examples, then the generator ----------------------------------------
-    gen = generator_config(config, workdir)
-    gen.data.tokenizer_path = _tokenizer_path(config, workdir, train_passages,
-                                              questions["train"])
-    # Questions are never truncated: those that cannot fit the prompt are not asked.
-    tok = tokenizers.get_tokenizer(gen.data)
-    budget = prefix_lm.prompt_budget(gen.data.seq_len, gen.data.max_answer_tokens)
-    too_long = {}
-    for split, qs in questions.items():
-        lengths = [len(ids) + 2 for ids in tok.encode_batch([q.question for q in qs])]
-        questions[split] = [q for q, n in zip(qs, lengths) if n <= budget]
-        too_long[split] = len(qs) - len(questions[split])
-    k = rc.k
-    train_q = questions["train"]
-    t = time.perf_counter()
-    question_vectors = {s: retriever.embed([q.question for q in qs])
-                        for s, qs in questions.items()
-                        if qs and (s != "train" or rc.train_distractors == "retrieved")}
-    timings["embed_questions_s"] = time.perf_counter() - t
-    if rc.train_distractors == "retrieved":  # From training-split passages only.
-        rows = [i for i, pid in enumerate(exact.ids) if pid in train_passages]
-        train_index = ExactIndex(exact.vectors[rows], [exact.ids[i] for i in rows])
-        _, train_ids = train_index.search(question_vectors["train"], k + 1)
-    else:  # RAFT's sampled distractors: k + 1 random training passages per question.
-        pool = np.asarray(sorted(train_passages))
-        rng = np.random.default_rng(config.seed)
-        train_ids = [[q.passage_id, *pool[rng.choice(len(pool), k + 1, replace=False)]]
-                     for q in train_q]
-        # The gold passage first stands for "retrieved at rank 1"; move it to a random
-        # rank half the time so position alone never gives the answer away.
-        for row in train_ids:
-            if rng.random() < 0.5:
-                row.insert(int(rng.integers(1, k + 1)), row.pop(0))
-    prefix_lm.write_split(gen.data.qa_dir, "train", raft_examples(
-        train_q, train_ids, train_passages, k, rc.distractor_fraction,
-        rc.no_context_fraction, config.seed))
-    for split in ("validation", "test"):
-        _, ids = exact.search(question_vectors[split], k)
-        prefix_lm.write_split(gen.data.qa_dir, split,
-                              eval_examples(questions[split], ids, passages, k))
-    t = time.perf_counter()
-    gen_workdir = os.path.join(workdir, "generator")
-    gen_results = loop.train_and_evaluate(gen, gen_workdir)
-    timings["generator_s"] = time.perf_counter() - t
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(gen.to_dict() | {"task": "rag"}, f, indent=2, default=list)
-    rag = rag_lib.Rag(retriever, load_generator(gen_workdir))
-
-    # --- New information without retraining (before the main evaluation: it needs the
-    # index without the held-out passages, and leaves it whole again) --------------------
-    test_q = questions["test"]
-    held_out = set(wordnet_qa.subsample({q.passage_id for q in test_q},
-                                        rc.new_info_passages, "new-information"))
-    new_q = [q for q in test_q if q.passage_id in held_out]
-    new_info = {"passages": len(held_out), "questions": len(new_q)}
-    if new_q:
-        index.delete(sorted(held_out))
-        new_info["before"] = _evaluate_rag(rag, new_q, k)
-        t = time.perf_counter()
-        retriever.add_passages({i: passages[i] for i in sorted(held_out)})
-        new_info["upsert_s"] = time.perf_counter() - t
-        new_info["after"] = _evaluate_rag(rag, new_q, k)
-
-    # --- Evaluation on held-out questions --------------------------------------------
-    gold = [q.answers for q in test_q]
-    gold_ids = [q.passage_id for q in test_q]
-    queries = question_vectors["test"]
-    deep = min(max(k, 10), len(index))
-    _, exact_ids = exact.search(queries, deep)
-    t = time.perf_counter()
-    scann_scores, scann_ids = index.search(queries, deep)
-    timings["index_search_s"] = time.perf_counter() - t
-    exact_scores = exact.search(queries, k)[0]
-    retrieval = {"index_kind": index.kind, "k": k}
-    for name, ids in (("exact", exact_ids), ("index", scann_ids)):
-        for at in sorted({1, k, deep}):
-            retrieval[f"{name}/recall@{at}"] = rag_lib.recall_at_k(ids[:, :at], gold_ids)
-    retrieval[f"index_vs_exact/recall@{deep}"] = float(np.mean(
-        [len(set(a) & set(b)) / deep for a, b in zip(scann_ids, exact_ids)]))
-
-    texts = [q.question for q in test_q]
-    modes = {"closed_book": functools.partial(rag.answer_with, texts, [[] for _ in test_q]),
-             "rag_exact": functools.partial(rag.answer_with, texts, exact_ids[:, :k],
-                                            exact_scores),
-             "rag_index": functools.partial(rag.answer_with, texts, scann_ids[:, :k],
-                                            scann_scores[:, :k]),
-             "oracle": functools.partial(rag.answer_with, texts, [[i] for i in gold_ids])}
-    every = rc.get("reretrieve_every", 0)
-    if every:  # Searches the index (as rag_index), again every `every` answer pieces.
-        modes["rag_reretrieve"] = functools.partial(rag.answer, texts, k,
-                                                    reretrieve_every=every)
-    scores, samples = {}, {}
-    for mode, answer_all in modes.items():
-        t = time.perf_counter()
-        answers = answer_all()
-        scores[mode] = rag_lib.score_answers(answers, gold)
-        if mode == "rag_reretrieve":
-            scores[mode].update(_reretrieval_stats(answers, gold_ids), reretrieve_every=every)
-        scores[mode]["questions_per_s"] = len(test_q) / (time.perf_counter() - t)
-        scores[mode]["by_kind"] = {
-            kind: rag_lib.score_answers([a for a, q in zip(answers, test_q) if q.kind == kind],
-                                        [q.answers for q in test_q if q.kind == kind])
-            for kind in sorted({q.kind for q in test_q})}
-        samples[mode] = [{"question": a.question, "answer": a.answer, "gold": list(g),
-                          "citations": a.citations}
-                         | ({"rounds": [dataclasses.asdict(r) for r in a.rounds]}
-                            if mode == "rag_reretrieve" else {})
-                         for a, g in zip(answers[:5], gold)]
-    t = time.perf_counter()
-    rag.answer(texts, k)
-    timings["end_to_end_questions_per_s"] = len(test_q) / (time.perf_counter() - t)
-
+    # New information before the main evaluation: it needs the index without the held-out
+    # passages, and leaves it whole again.
+    new_info = new_information(rag, retriever, index, passages, questions["test"], rc)
+    retrieval, hits = evaluate_retrieval(index, exact, question_vectors["test"],
+                                         questions["test"], rc.k, timings)
+    scores, samples = evaluate_answers(rag, questions["test"], hits, rc, timings)
     results = {
         "knowledge_base": {"passages": len(passages),
                            "questions": {s: len(q) for s, q in questions.items()},
@@ -360,9 +254,184 @@ def run(config, workdir):
                       ("step", "train_time_s", "validation", "test", "parameters")},
         "timings": timings, "samples": samples,
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    return results
+    return write_results(workdir, results)
+
+
+def build_or_load_index(config, workdir, passages, timings):
+    """-> (Retriever over the KB, its index): W/index when saved (refused if another
+    encoder or knowledge base made it), else every passage embedded, indexed and saved."""
+    rc = config.rag
+    encoder = load_encoder(rc.encoder)
+    fingerprint = encoder_fingerprint(encoder[0])
+    index_dir = os.path.join(workdir, "index")
+    index_cfg = IndexConfig.from_config(config.index)  # Checked even when loading.
+    if os.path.isfile(os.path.join(index_dir, "index.json")):
+        saved = load_index(index_dir, expected_fingerprint=fingerprint)
+        if set(saved.index.ids) != set(passages):
+            raise ValueError(f"{index_dir} indexes another knowledge base "
+                             f"({len(saved.index)} passages, {len(passages)} expected); "
+                             f"delete it or use another workdir")
+        return (rag_lib.Retriever(encoder, saved.index, dict(passages), rc.encode_batch_size),
+                saved.index)
+    retriever = rag_lib.Retriever(encoder, None, dict(passages), rc.encode_batch_size)
+    ids = list(passages)
+    with timed(timings, "embed_passages_s"):
+        vectors = retriever.embed([passages[i] for i in ids],
+                                  progress=_progress_log("Embedding passages", len(ids)))
+    with timed(timings, "index_build_s"):
+        index = build_index(vectors, ids, index_cfg)
+    save_index(index_dir, index, encoder_fingerprint=fingerprint, passages=passages)
+    retriever.index = index
+    return retriever, index
+
+
+def generator_data(config, workdir, retriever, exact, passages, questions, train_passages,
+                   timings):
+    """The generator's tokenizer and W/qa/{train,validation,test}.jsonl: RAFT training
+    examples, held-out questions with their exact top-k passages.
+
+    -> (the generator's train config, questions {split: [Question]} that fit the prompt,
+    how many did not {split: n}, question vectors {split: [n, dim]}).
+    """
+    rc, k = config.rag, config.rag.k
+    gen = generator_config(config, workdir)
+    gen.data.tokenizer_path = _tokenizer_path(config, workdir, train_passages,
+                                              questions["train"])
+    questions, too_long = _questions_that_fit(gen.data, questions)
+    with timed(timings, "embed_questions_s"):
+        question_vectors = {s: retriever.embed([q.question for q in qs])
+                            for s, qs in questions.items()
+                            if qs and (s != "train" or rc.train_distractors == "retrieved")}
+    train_ids = _train_candidates(config, questions["train"], question_vectors, exact,
+                                  train_passages)
+    prefix_lm.write_split(gen.data.qa_dir, "train", raft_examples(
+        questions["train"], train_ids, train_passages, k, rc.distractor_fraction,
+        rc.no_context_fraction, config.seed))
+    for split in ("validation", "test"):
+        _, ids = exact.search(question_vectors[split], k)
+        prefix_lm.write_split(gen.data.qa_dir, split,
+                              eval_examples(questions[split], ids, passages, k))
+    return gen, questions, too_long, question_vectors
+
+
+def _questions_that_fit(data_cfg, questions):
+    """Questions are never truncated: those that cannot fit the prompt are not asked.
+    -> ({split: [Question] that fit}, {split: how many did not})."""
+    tok = tokenizers.get_tokenizer(data_cfg)
+    budget = prefix_lm.prompt_budget(data_cfg.seq_len, data_cfg.max_answer_tokens)
+    fitting, too_long = {}, {}
+    for split, qs in questions.items():
+        lengths = [len(ids) + 2 for ids in tok.encode_batch([q.question for q in qs])]
+        fitting[split] = [q for q, n in zip(qs, lengths) if n <= budget]
+        too_long[split] = len(qs) - len(fitting[split])
+    return fitting, too_long
+
+
+def _train_candidates(config, train_q, question_vectors, exact, train_passages):
+    """Per training question, k + 1 passage ids best first (raft_examples' `retrieved_ids`):
+    retrieved from the training-split passages, or RAFT's random ones."""
+    k = config.rag.k
+    if config.rag.train_distractors == "retrieved":  # From training-split passages only.
+        rows = [i for i, pid in enumerate(exact.ids) if pid in train_passages]
+        train_index = ExactIndex(exact.vectors[rows], [exact.ids[i] for i in rows])
+        return train_index.search(question_vectors["train"], k + 1)[1]
+    # RAFT's sampled distractors: k + 1 random training passages per question.
+    pool = np.asarray(sorted(train_passages))
+    rng = np.random.default_rng(config.seed)
+    train_ids = [[q.passage_id, *pool[rng.choice(len(pool), k + 1, replace=False)]]
+                 for q in train_q]
+    # The gold passage first stands for "retrieved at rank 1"; move it to a random rank
+    # half the time so position alone never gives the answer away.
+    for row in train_ids:
+        if rng.random() < 0.5:
+            row.insert(int(rng.integers(1, k + 1)), row.pop(0))
+    return train_ids
+
+
+def train_generator(gen, workdir, timings) -> dict:
+    """W/generator: the normal loop (trains, resumes, or finds it finished) -> its results,
+    or {"preempted_at_step": step} when SIGTERM stopped it."""
+    from train import loop
+
+    with timed(timings, "generator_s"):
+        return loop.train_and_evaluate(gen, os.path.join(workdir, "generator"))
+
+
+def new_information(rag, retriever, index, passages, test_q, rc) -> dict:
+    """New knowledge without retraining: the passages of some test questions are deleted
+    from the index, those questions answered (before), the passages embedded and upserted,
+    the questions answered again (after). Leaves the index whole."""
+    held_out = set(wordnet_qa.subsample({q.passage_id for q in test_q},
+                                        rc.new_info_passages, "new-information"))
+    new_q = [q for q in test_q if q.passage_id in held_out]
+    new_info = {"passages": len(held_out), "questions": len(new_q)}
+    if new_q:
+        index.delete(sorted(held_out))
+        new_info["before"] = _evaluate_rag(rag, new_q, rc.k)
+        with timed(new_info, "upsert_s"):
+            retriever.add_passages({i: passages[i] for i in sorted(held_out)})
+        new_info["after"] = _evaluate_rag(rag, new_q, rc.k)
+    return new_info
+
+
+def evaluate_retrieval(index, exact, queries, test_q, k, timings):
+    """Exact and index search of the test questions' vectors [n, dim] -> (recall@{1, k,
+    deep} of each and their overlap, {"exact" | "index": (scores [n, k], ids [n, deep])})."""
+    gold_ids = [q.passage_id for q in test_q]
+    deep = min(max(k, 10), len(index))
+    _, exact_ids = exact.search(queries, deep)
+    with timed(timings, "index_search_s"):
+        index_scores, index_ids = index.search(queries, deep)
+    exact_scores = exact.search(queries, k)[0]
+    retrieval = {"index_kind": index.kind, "k": k}
+    for name, ids in (("exact", exact_ids), ("index", index_ids)):
+        for at in sorted({1, k, deep}):
+            retrieval[f"{name}/recall@{at}"] = rag_lib.recall_at_k(ids[:, :at], gold_ids)
+    retrieval[f"index_vs_exact/recall@{deep}"] = float(np.mean(
+        [len(set(a) & set(b)) / deep for a, b in zip(index_ids, exact_ids)]))
+    return retrieval, {"exact": (exact_scores, exact_ids), "index": (index_scores[:, :k],
+                                                                     index_ids)}
+
+
+def evaluate_answers(rag, test_q, hits, rc, timings):
+    """EM / F1 (overall and by question kind), speed and sample answers of each mode:
+    closed-book, RAG over exact / index search, oracle (the gold passage alone), and with
+    rc.reretrieve_every re-retrieving during decoding -> (scores, samples) by mode."""
+    k, every = rc.k, rc.reretrieve_every
+    texts, gold = [q.question for q in test_q], [q.answers for q in test_q]
+    gold_ids = [q.passage_id for q in test_q]
+    (exact_scores, exact_ids), (index_scores, index_ids) = hits["exact"], hits["index"]
+    modes = {"closed_book": functools.partial(rag.answer_with, texts, [[] for _ in test_q]),
+             "rag_exact": functools.partial(rag.answer_with, texts, exact_ids[:, :k],
+                                            exact_scores),
+             "rag_index": functools.partial(rag.answer_with, texts, index_ids[:, :k],
+                                            index_scores),
+             "oracle": functools.partial(rag.answer_with, texts, [[i] for i in gold_ids])}
+    if every:  # Searches the index (as rag_index), again every `every` answer pieces.
+        modes["rag_reretrieve"] = functools.partial(rag.answer, texts, k,
+                                                    reretrieve_every=every)
+    scores, samples, seconds = {}, {}, {}
+    for mode, answer_all in modes.items():
+        with timed(seconds, mode):
+            answers = answer_all()
+            scores[mode] = rag_lib.score_answers(answers, gold)
+            if mode == "rag_reretrieve":
+                scores[mode].update(_reretrieval_stats(answers, gold_ids),
+                                    reretrieve_every=every)
+        scores[mode]["questions_per_s"] = len(test_q) / seconds[mode]
+        scores[mode]["by_kind"] = {
+            kind: rag_lib.score_answers([a for a, q in zip(answers, test_q) if q.kind == kind],
+                                        [q.answers for q in test_q if q.kind == kind])
+            for kind in sorted({q.kind for q in test_q})}
+        samples[mode] = [{"question": a.question, "answer": a.answer, "gold": list(g),
+                          "citations": a.citations}
+                         | ({"rounds": [dataclasses.asdict(r) for r in a.rounds]}
+                            if mode == "rag_reretrieve" else {})
+                         for a, g in zip(answers[:5], gold)]
+    with timed(seconds, "end_to_end"):  # Embedding, search and decoding together.
+        rag.answer(texts, k)
+    timings["end_to_end_questions_per_s"] = len(test_q) / seconds["end_to_end"]
+    return scores, samples
 
 
 def _reretrieval_stats(answers, gold_ids) -> dict:

@@ -20,7 +20,6 @@ called by launch.main.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,7 +27,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import linen as nn
 
 from retrieval import rag as rag_lib
@@ -37,6 +35,7 @@ from retrieval.rag_run import knowledge_base
 from train.data import pairs
 from train.data import tokenizer as tokenizers
 from train.embedding import embed_texts, load_encoder
+from train.run_files import write_results
 
 log = logging.getLogger("strata")
 
@@ -124,11 +123,4 @@ def run(config, workdir):
                             {q.passage_id for q in questions["train"]})},
         recall_gain={f"recall@{k}": after[f"recall@{k}"] - before[f"recall@{k}"]
                      for k in ks})
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=_json_default)
-    return results
-
-
-def _json_default(value):
-    return value.tolist() if isinstance(value, np.ndarray) else str(value)
+    return write_results(workdir, results)

@@ -15,10 +15,10 @@ import logging
 import os
 
 import jax
-import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from model import finetune_methods
 from model.transformer import Model, resolve
 from train import model_setup
 from train.data import masking, pipeline, sources
@@ -26,11 +26,12 @@ from train.init_from import load_params
 from train.objectives import MaskedLM
 from train.param_rules import map_paths, param_paths
 from train.steps import make_eval_step
+from train.trainer import evaluate
 
 log = logging.getLogger("strata")
 
 # Model fields that add fine-tuning modules; "before" turns them off.
-PEFT_OFF = dict(lora_rank=0, ia3=False, prompt_length=0, prefix_length=0, adapter_dim=0)
+PEFT_OFF = finetune_methods.PEFT_OFF
 
 
 # What defines the pre-training run's held-out MLM evaluation, taken from its config.json.
@@ -97,14 +98,7 @@ def heldout_mlm(model, params, data_cfg, tok, mesh, rules, split, max_steps):
                                           transform=masking.eval_transform(tok, data_cfg))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         step = jax.jit(make_eval_step(model, objective))
-        totals = None
-        for i, local in enumerate(batches):
-            if 0 <= max_steps <= i:
-                break
-            sums = jax.tree_util.tree_map(
-                np.asarray, step(params, pipeline.to_global_batch(local, mesh)))
-            totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-    return objective.finalize(totals)
+    return evaluate(step, objective, params, batches, mesh, rules, max_steps)
 
 
 def measure_forgetting(config, finetuned_params, tok, mesh, rules):
