@@ -128,16 +128,16 @@ def base_config():
             sampling="uniform",  # "uniform" (epochs) | "class_balanced" (P(x) ∝ 1/count(y)).
             token_dropout=0.0,  # Training only: P(delete) of each non-special piece.
             token_substitution=0.0,  # Training only: P(random non-special piece) per piece.
-            # Masked-LM examples (task="mlm"; train/data/masking.py), BERT's recipe:
+            # Masked-LM examples (task="mlm"; train/tasks/masking.py), BERT's recipe:
             mlm_rate=0.15,  # Fraction of non-special pieces predicted, per packed sequence.
             mlm_whole_word=False,  # Mask whole words (all pieces of a "▁" word together).
             mlm_dynamic=True,  # New mask each time a sequence is seen; False: one fixed mask.
             mlm_max_predictions=-1,  # Predictions per row; -1: ceil(mlm_rate * seq_len).
-            # UniLM (train/data/unilm.py): this fraction of MLM training rows are prefix-LM.
+            # UniLM (train/tasks/unilm.py): this fraction of MLM training rows are prefix-LM.
             prefix_lm_fraction=0.0,
-            # task="prefix_lm" (train/data/prefix_lm.py): <qa_dir>/<split>.jsonl examples
+            # task="prefix_lm" (train/tasks/prefix_lm_examples.py): <qa_dir>/<split>.jsonl examples
             # {question, passages, answer}; answers cut to max_answer_tokens pieces.
-            # task="retriever" (train/data/pairs.py): {question, passage, passage_id}.
+            # task="retriever" (train/tasks/pairs.py): {question, passage, passage_id}.
             qa_dir="",
             max_answer_tokens=16,
         )

@@ -11,7 +11,7 @@ fixed masks. Arguments: `runlocal`, `size=tiny|small|base|large`, `whole_word`,
 
   python -m launch.main --config configs/pretrain_mlm.py:unilm=0.33 --workdir runs/unilm
 
-`unilm=p` (UniLM, Dong et al. 2019; train/data/unilm.py) sets config.data.
+`unilm=p` (UniLM, Dong et al. 2019; train/tasks/unilm.py) sets config.data.
 prefix_lm_fraction = p: that fraction of training rows become prefix-LM rows (each packed
 sequence split at a uniform point: a bidirectional prefix, then causal next-token
 prediction), the rest stay masked-LM. It also sets config.model.attention_mask="prefix"

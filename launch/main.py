@@ -6,6 +6,12 @@ big_vision-style arguments after a colon (`configs/scratch.py:runlocal,size=base
 `--compile_only [--topology=cpu:8|tpu:v5e:4x4]` compiles the train step for the mesh
 without allocating it, writes `W/compile.json` (per-device memory, compile time), exits.
 Multi-host: every process runs this same command (train/distributed.py connects them).
+
+A run owns its workdir (`W/.lock`): a second run on it fails at once, naming the first.
+Re-running the same command resumes; a restart whose config changes more than steps,
+cadence, mesh or attention kernel is refused with a diff (`--allow_config_change=` names
+fields to allow). Exit status 75 (EX_TEMPFAIL): preempted (SIGTERM) after saving a
+checkpoint; requeue the same command to resume.
 """
 
 import json
@@ -26,6 +32,9 @@ _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile the train step ahead of time, report its memory, exit.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "", "With --compile_only: '' (these devices), cpu:N or tpu:<name>.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_string(
+    "allow_config_change", "", "Comma-separated config fields a restart in an existing "
+    "workdir may change beyond the safe ones (train/resume_check.py), e.g. optim.lr.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,8 +45,11 @@ def main(argv):
     # Our own progress at INFO; libraries (orbax, tfds log through absl) at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("strata").setLevel(logging.INFO)
+    from train.run_record import check_workdir
+
     config = _CONFIG.value
     validate(config)
+    check_workdir(_WORKDIR.value)
     if _TOPOLOGY.value.startswith("cpu:") and "xla_force_host_platform_device_count" not in \
             os.environ.get("XLA_FLAGS", ""):  # N fake CPU devices; read at backend start.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
@@ -63,8 +75,11 @@ def main(argv):
         return
     from launch import run_task
 
-    results = run_task.run(config, _WORKDIR.value)
+    results = run_task.run(config, _WORKDIR.value,
+                           tuple(filter(None, _ALLOW_CONFIG_CHANGE.value.split(","))))
     print(json.dumps(results, indent=2, default=str))
+    if "preempted_at_step" in results:  # Saved; tell the scheduler to requeue.
+        sys.exit(run_task.PREEMPTED_EXIT_CODE)
 
 
 def parse_flags(argv):

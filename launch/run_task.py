@@ -8,6 +8,7 @@ import os
 
 from train import loop, tasks
 from train.experiments.learning_curves import write_learning_curves
+from train.workdir_lock import WorkdirLock
 
 
 def runner_of(task):
@@ -18,11 +19,23 @@ def runner_of(task):
     return getattr(importlib.import_module(module), function)
 
 
-def run(config, workdir):
-    """-> the run's results, or {"preempted_at_step": step} (saved, not finished)."""
-    results = runner_of(tasks.get_task(config.task))(config, workdir)
-    if "preempted_at_step" not in results:
-        for directory, _, files in os.walk(workdir):  # The run's and a runner's sub-runs.
-            if "metrics.jsonl" in files:
-                write_learning_curves(directory)
+# launch.main's exit status after a preemption: the run saved and wants to be requeued
+# (EX_TEMPFAIL, "try again"); Slurm's --requeue and Kubernetes' restart policies key on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+def run(config, workdir, allow_config_change=()):
+    """-> the run's results, or {"preempted_at_step": step} (saved, not finished).
+    The workdir is held (`W/.lock`) for the whole run, a runner's phases included.
+    `allow_config_change`: see train/resume_check.py (the loop's own workdir only)."""
+    task = tasks.get_task(config.task)
+    with WorkdirLock(workdir):
+        if task.runner:
+            results = runner_of(task)(config, workdir)
+        else:
+            results = loop.train_and_evaluate(config, workdir, allow_config_change)
+        if "preempted_at_step" not in results:
+            for directory, _, files in os.walk(workdir):  # The run's and its sub-runs'.
+                if "metrics.jsonl" in files:
+                    write_learning_curves(directory)
     return results

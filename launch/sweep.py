@@ -17,7 +17,7 @@ a sweep in `W/<part>/` as above, then writes `W/report.md`:
   python -m launch.sweep --config configs/ablations/stages.py --workdir runs/stages
 
 `W/sweep.json` (the trial list) is written before anything runs. Trials whose
-`W/<trial>/results.json` exists are skipped, so re-running a killed sweep runs only the
+`W/<trial>/results.json` is complete are skipped, so re-running a killed sweep runs only the
 rest (a half-finished trial resumes from its checkpoints). At the end, and after each
 trial, `W/results.csv` and `W/results.md` are rewritten (the PNG plots at the end;
 `--mode=collect` redraws them any time).

@@ -8,7 +8,7 @@ with the ids and scores of the passages they were given (citations).
 `Retriever` embeds questions with a sentence encoder (train/embedding.py; all-MiniLM-L6-v2
 by default) and searches any index of retrieval/index.py. `Generator` packs each
 question with its passages into the prefix of the shared transformer in prefix-LM mode
-(train/data/prefix_lm.py: the question is never truncated) and decodes with the KV cache
+(train/tasks/prefix_lm_examples.py: the question is never truncated) and decodes with the KV cache
 (model/decoding.py), a fixed [batch, prompt] shape so one compilation serves every call.
 
 Re-retrieval during decoding (`Rag(..., reretrieve_every=N)`, config.rag.reretrieve_every):
@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.decoding import DecodeConfig, generate
-from train.data import prefix_lm
 from train.embedding import embed_texts, make_encode_fn
+from train.tasks import prefix_lm_examples as prefix_lm
 
 # --- Scores -------------------------------------------------------------------------------
 

@@ -53,10 +53,10 @@ from retrieval.exact import ExactIndex
 from retrieval.index import build_index
 from retrieval.index_config import IndexConfig
 from retrieval.index_store import encoder_fingerprint, load_index, save_index
-from train.data import prefix_lm
 from train.data import tokenizer as tokenizers
 from train.embedding import load_encoder, unflatten
 from train.run_files import atomic_write_json, write_results
+from train.tasks import prefix_lm_examples as prefix_lm
 
 log = logging.getLogger("strata")
 

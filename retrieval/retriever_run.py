@@ -32,10 +32,10 @@ from flax import linen as nn
 from retrieval import rag as rag_lib
 from retrieval.exact import ExactIndex
 from retrieval.rag_run import knowledge_base
-from train.data import pairs
 from train.data import tokenizer as tokenizers
 from train.embedding import embed_texts, load_encoder
 from train.run_files import write_results
+from train.tasks import pairs
 
 log = logging.getLogger("strata")
 
@@ -109,7 +109,8 @@ def run(config, workdir):
     before = recall(initial_encoder(train_config), passages, test_q, ks, rc.encode_batch_size)
     log.info("Recall before training: %s", {k: v for k, v in before.items()
                                             if k.startswith("recall@")})
-    results = loop.train_and_evaluate(train_config, workdir)
+    # results.json only once recall_after is in it: it marks the run finished.
+    results = loop.train_and_evaluate(train_config, workdir, results_file=False)
     if "preempted_at_step" in results:
         return results
     after = recall(load_encoder(workdir), passages, test_q, ks, rc.encode_batch_size)

@@ -4,6 +4,7 @@ from model.attention import ATTENTION_IMPLS, MASK_MODES
 from model.initializers import INITS
 from model.transformer import HEADS
 from train import tasks
+from train.data import pipeline
 from train.data.augmentation import check_rates
 from train.data.sampling import SAMPLINGS
 from train.optimizer import SCHEDULES
@@ -62,6 +63,7 @@ def validate(config):
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len="
             f"{config.model.max_len}")
+    pipeline.check_batch_sizes(config)
     accum = config.optim.grad_accum_steps
     if accum < 1 or config.data.batch_size % accum:
         raise ValueError(
@@ -84,7 +86,7 @@ def validate(config):
 
 
 def check_prefix_lm_fraction(config, task):
-    """UniLM's mix (data.prefix_lm_fraction; train/data/unilm.py) is a masked-LM option."""
+    """UniLM's mix (data.prefix_lm_fraction; train/tasks/unilm.py) is a masked-LM option."""
     fraction = config.data.prefix_lm_fraction
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"config.data.prefix_lm_fraction={fraction} must be in [0, 1)")

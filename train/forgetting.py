@@ -21,11 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model import finetune_methods
 from model.transformer import Model, resolve
 from train import model_setup
-from train.data import masking, pipeline, sources
+from train.data import pipeline, sources
 from train.init_from import load_params
 from train.objectives import MaskedLM
 from train.param_rules import map_paths, param_paths
 from train.steps import make_eval_step
+from train.tasks import masking
 from train.trainer import evaluate
 
 log = logging.getLogger("strata")

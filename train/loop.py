@@ -19,14 +19,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from train import checkpoints as ckpt
-from train import memory, tasks
+from train import memory, run_record, tasks
 from train import trainer as trainer_lib
 from train.data import tokenizer as tokenizers
 from train.forgetting import measure_forgetting
 from train.init_from import init_params_from
 from train.metrics_log import MetricsLog
+from train.resume_check import check_resume
 from train.run_files import atomic_write_json, write_results
-from train.run_record import write_run_record
+from train.workdir_lock import WorkdirLock
 
 log = logging.getLogger("strata")
 
@@ -76,6 +77,7 @@ def load_data(config) -> RunData:
             task.prepare_data(data_cfg)
         multihost_utils.sync_global_devices("strata: data prepared")
     train_source = task.load_split(data_cfg, data_cfg.train_split)
+    task.check_source(config, train_source, data_cfg.train_split)
     tok = tokenizers.get_tokenizer(data_cfg)
     if tok.vocab_size > config.model.vocab_size:
         raise ValueError(
@@ -84,6 +86,8 @@ def load_data(config) -> RunData:
     train_iter = task.train_iterator(train_source, tok, data_cfg, config.seed)
     eval_sources = {split: task.load_split(data_cfg, split)
                     for split in (data_cfg.eval_split, data_cfg.test_split)}
+    for split, source in eval_sources.items():
+        task.check_source(config, source, split)
     return RunData(task, data_cfg, train_source, tok, train_iter, eval_sources)
 
 
@@ -200,15 +204,33 @@ def final_results(trainer, data, state, config, step, train_time, compiled):
 
 # --- The run -----------------------------------------------------------------------------
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, allow_config_change=(), results_file=True):
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns results,
-    or {"preempted_at_step": step} after saving on preemption (no results.json)."""
-    data = load_data(config)
-    trainer = trainer_lib.build_trainer(config, train_source=data.train_source)
-    log.info("Mesh %s over %d devices (%s); parameters: %s total, %s trainable",
-             dict(trainer.mesh.shape), trainer.mesh.size, jax.devices()[0].device_kind,
-             f"{trainer.counts['total']:,}", f"{trainer.counts['trainable']:,}")
-    write_run_record(workdir, config)
+    or {"preempted_at_step": step} after saving on preemption (no results.json).
+
+    One run owns the workdir while it trains (`W/.lock`). Everything is checked (config,
+    data, mesh, and on a restart the config against the recorded one) before the first
+    write. `allow_config_change`: fields a restart may change beyond the safe ones
+    (train/resume_check.py). `results_file=False`: a runner with phases after training
+    writes results.json itself, once they are done (it marks the run finished)."""
+    with WorkdirLock(workdir):
+        data = load_data(config)
+        trainer = trainer_lib.build_trainer(config, train_source=data.train_source)
+        changes = check_resume(run_record.read_recorded_config(workdir), config.to_dict(),
+                               workdir, allow_config_change)
+        for field, (old, new) in changes.items():
+            log.warning("Restart with config.%s changed: %r -> %r", field, old, new)
+        run_record.write_run_record(workdir, config)  # The first start's record stays.
+        run_record.append_run_history(workdir, config, changes)
+        log.info("Mesh %s over %d devices (%s); parameters: %s total, %s trainable",
+                 dict(trainer.mesh.shape), trainer.mesh.size, jax.devices()[0].device_kind,
+                 f"{trainer.counts['total']:,}", f"{trainer.counts['trainable']:,}")
+        return train(config, workdir, data, trainer, results_file)
+
+
+def train(config, workdir, data, trainer, results_file=True):
+    """The loop: restore or init, steps, logs, evaluations, checkpoints; then the final
+    evaluation and results.json (the file that marks the run finished)."""
     checkpoints = ckpt.Checkpoints(workdir, config.train)
     train_cfg, num_steps = config.train, config.train.num_steps
     cadence = Cadence(num_steps, train_cfg.log_every, train_cfg.eval_every,
@@ -228,8 +250,10 @@ def train_and_evaluate(config, workdir):
                     state, metrics = compiled(state, batch)
                 step += 1
                 throughput.add(metrics, *data.task.count_tokens(local))
+                _test_hook("after_step", step)
 
                 preempted = preemption.requested(step)  # The one decision this step.
+                _test_hook("after_decision", step)
                 is_eval, is_save = cadence.is_eval(step), cadence.is_save(step) or preempted
                 if cadence.is_log(step) or is_eval or is_save:
                     record, nonfinite = throughput.record(trainer, metrics)
@@ -243,6 +267,7 @@ def train_and_evaluate(config, workdir):
                         record.update({f"eval/{k}": v for k, v in trainer.evaluate(
                             state.params, data.eval_batches(config.data.eval_split),
                             train_cfg.eval_steps).items()})
+                    _test_hook("after_eval", step)
                     metrics_log.write(step, record)
                     eta = (num_steps - step) / max(record["steps_per_s"], 1e-9)
                     metrics_log.progress(step, {"loss": f"{record['train/loss']:.4f}",
@@ -252,6 +277,7 @@ def train_and_evaluate(config, workdir):
                     if is_save:
                         checkpoints.save(step, state, data.train_iter.get_state(),
                                          force=True)
+                        _test_hook("after_save", step)
                     if is_eval:
                         checkpoints.save_best(step, state, data.train_iter.get_state(), {
                             k: v for k, v in record.items() if k.startswith("eval/")})
@@ -266,4 +292,13 @@ def train_and_evaluate(config, workdir):
 
     results = final_results(trainer, data, state, config, step,
                             time.perf_counter() - train_start, compiled)
-    return write_results(workdir, results)
+    return write_results(workdir, results) if results_file else results
+
+
+# Tests deliver signals at exact points of a step through this (phase, step) callback.
+TEST_HOOK = None
+
+
+def _test_hook(phase, step):
+    if TEST_HOOK is not None:
+        TEST_HOOK(phase, step)

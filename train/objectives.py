@@ -87,7 +87,7 @@ class MaskedLM:
 @dataclasses.dataclass(frozen=True)
 class PrefixLM:
     """Prefix-LM loss (T5 / UniLM): next-token cross-entropy only where `target_weights`
-    is 1 (the answer after a bidirectional prompt; train/data/prefix_lm.py).
+    is 1 (the answer after a bidirectional prompt; train/tasks/prefix_lm_examples.py).
 
     The batch carries `targets` [batch, seq] (the next token) and `target_weights`
     [batch, seq]; the model reads `prefix_mask` [batch, seq] from it.
@@ -119,7 +119,7 @@ class PrefixLM:
 @dataclasses.dataclass(frozen=True)
 class MaskedAndPrefixLM:
     """UniLM's pre-training mix (task "mlm" with data.prefix_lm_fraction > 0;
-    train/data/unilm.py): masked-LM rows and prefix-LM rows in one batch, which carries
+    train/tasks/unilm.py): masked-LM rows and prefix-LM rows in one batch, which carries
     both kinds of fields (a row's other kind weighted 0).
 
     loss_sum = the MLM sum + the LM sum and weight = both weights, so the mean is per
@@ -194,7 +194,7 @@ class Contrastive:
     The step runs queries and passages as one batch (train/steps.py `model_rows`):
     outputs["hidden"] is [2 * batch, seq, embed], queries first. The batch carries
     `segment_ids` / `passage_segment_ids` [batch, seq] and `passage_key` [batch]
-    (train/data/pairs.py). accuracy: in-batch top-1 (query -> its passage). With
+    (train/tasks/pairs.py). accuracy: in-batch top-1 (query -> its passage). With
     optim.grad_accum_steps > 1 the negatives are the micro-batch's, not the batch's.
     """
 

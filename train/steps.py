@@ -23,7 +23,7 @@ def model_inputs(batch):
 
 def model_rows(batch):
     """-> (tokens, model inputs) the model runs on. A batch of (query, passage) pairs
-    (task "retriever", train/data/pairs.py) runs both sides in one pass: [2 * batch, seq],
+    (task "retriever", train/tasks/pairs.py) runs both sides in one pass: [2 * batch, seq],
     queries first; the `passage_*` fields hold the passages' inputs."""
     tokens, inputs = batch["tokens"], model_inputs(batch)
     if "passage_tokens" in batch:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from data_helpers import data_config, make_texts
 
-from train.data import masking, pipeline
+from train.data import pipeline
+from train.tasks import masking
 
 L = 24
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4

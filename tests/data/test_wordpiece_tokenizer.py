@@ -6,8 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from train.data import masking, pipeline
+from train.data import pipeline
 from train.data import tokenizer as tokenizers
+from train.tasks import masking
 
 PIECES = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat",
           "un", "##believ", "##able", "!", ",", "cafe", "hello"]

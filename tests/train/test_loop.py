@@ -150,7 +150,7 @@ def test_sigterm_saves_and_exits_cleanly(wordnet_data_dir, tmp_path):
         assert run.poll() is None and time.time() < wait_for_metrics, output_of(run)
         time.sleep(0.2)
     run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=120) == 0, output_of(run)
+    assert run.wait(timeout=120) == run_task.PREEMPTED_EXIT_CODE, output_of(run)
     output = output_of(run)
     assert "Preempted at step" in output
     steps = os.listdir(tmp_path / "checkpoints")

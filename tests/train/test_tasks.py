@@ -11,8 +11,9 @@ import pytest
 from configs import pretrain_mlm, rag, retriever, scratch
 from launch import run_task
 from train import aot, config_checks, tasks
-from train.data import pairs, prefix_lm
 from train.data import tokenizer as tokenizers
+from train.tasks import pairs
+from train.tasks import prefix_lm_examples as prefix_lm
 from train.trainer import build_trainer
 
 QUESTIONS = [("What is a poodle a kind of?", "A kind of: dog. A breed of dog.", "dog"),

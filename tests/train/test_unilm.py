@@ -1,4 +1,4 @@
-"""UniLM's mix in MLM pre-training (data.prefix_lm_fraction; train/data/unilm.py): the
+"""UniLM's mix in MLM pre-training (data.prefix_lm_fraction; train/tasks/unilm.py): the
 batch fields against a loop-by-loop reference, the combined loss against numpy, the
 packed prefix-LM attention mask, and a short real run whose checkpoint a generator loads."""
 
@@ -18,8 +18,8 @@ from configs import pretrain_mlm
 from model.attention import make_attention_mask
 from model.transformer import Model, resolve
 from train import config_checks, loop, model_setup, objectives, tasks
-from train.data import masking, unilm
 from train.init_from import init_params_from
+from train.tasks import masking, unilm
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 VOCAB = 50

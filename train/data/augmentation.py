@@ -11,7 +11,7 @@ packed: after deletion every row is compacted to the left (order kept), re-padde
 exactly what the pipeline would have made from the shorter sequence. It runs before
 masked-LM masking (the masking then sees the augmented text).
 
-Randomness, as dynamic masking (train/data/masking.py): grain's `random_map` gives batch k
+Randomness, as dynamic masking (train/tasks/masking.py): grain's `random_map` gives batch k
 of the stream a Generator keyed by (seed, k); k is part of the iterator state, so a
 restored iterator augments exactly as an uninterrupted one. Training only: eval batches
 never pass through here.

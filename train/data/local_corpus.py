@@ -17,9 +17,11 @@ collide and editing a file rebuilds instead of serving stale data.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +29,8 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from train.data.builder_base import LocalBuilder
+
+log = logging.getLogger("strata")
 
 SPLIT_PERCENT = {"train": (0, 98), "validation": (98, 99), "test": (99, 100)}
 SUFFIXES = (".txt", ".jsonl")
@@ -68,6 +72,33 @@ def _check_files(files: Sequence[str]) -> list[Path]:
     return paths
 
 
+def _hash_utf8_text(path: Path, h) -> bool:
+    """Feeds the file's bytes to `h`, checking they are UTF-8; -> whether any line is
+    non-blank. Raises ValueError naming the file and the offset of the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, content = 0, 1, False
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            try:
+                content |= bool(decoder.decode(chunk, final=not chunk).strip())
+            except UnicodeDecodeError as e:
+                # e.object is the decoder's held-back bytes (a split character) + chunk.
+                bad = offset - (len(e.object) - len(chunk)) + e.start
+                line = lines + e.object[: e.start].count(b"\n") - (
+                    e.object[: len(e.object) - len(chunk)].count(b"\n"))
+                raise ValueError(
+                    f"{path}: not UTF-8 text: byte 0x{e.object[e.start]:02x} at byte offset "
+                    f"{bad} (line {line}): {e.reason}. Local corpus files "
+                    f"(config.data.local_files) must be UTF-8 encoded; convert it, e.g. "
+                    f"`iconv -f latin1 -t utf-8`") from None
+            if not chunk:
+                return content
+            h.update(chunk)
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+
+
 def _first_jsonl_record(path: Path) -> tuple[int, dict] | None:
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -95,12 +126,20 @@ def make_config(
     """
     paths = _check_files(files)
     h = hashlib.sha256(json.dumps([text_key, label_key]).encode())
+    empty = []
     for p in paths:
         h.update(p.suffix.encode() + b"\0")
-        with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+        if not _hash_utf8_text(p, h):
+            empty.append(str(p))
         h.update(b"\0file\0")
+    if len(empty) == len(paths):
+        raise ValueError(
+            f"config.data.local_files: no non-empty line/record found in {empty}; a local "
+            f"corpus needs at least one document (one per line of a .txt file, one JSON "
+            f"object per line of a .jsonl file; blank lines are skipped)")
+    for p in empty:
+        log.warning("Local corpus file %s (config.data.local_files) has no non-empty line; "
+                    "it adds no document", p)
     labelled = False
     for p in paths:
         if p.suffix == ".jsonl" and (first := _first_jsonl_record(p)) is not None:
@@ -197,6 +236,10 @@ class LocalCorpus(LocalBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         del dl_manager  # Local files only.
         docs = list(read_documents(self.builder_config))
+        if not docs:  # Only Unicode whitespace (make_config checks ASCII whitespace).
+            raise ValueError(
+                f"config.data.local_files: no non-empty line/record found in "
+                f"{list(self.builder_config.files)}")
         class_ids = None
         if self.builder_config.labelled:
             names = label_vocab([label for _, _, label in docs])

@@ -12,7 +12,7 @@ Iterators are grain DatasetIterators: `it.get_state()` is a JSON-serialisable di
 
 Both iterator factories take an optional `transform`: a function IterDataset -> IterDataset
 applied to the stream of batches (before grain's worker processes, so it runs in them),
-e.g. `train.data.masking.train_transform(...)` adding BERT's masked-LM fields.
+e.g. `train.tasks.masking.train_transform(...)` adding BERT's masked-LM fields.
 """
 
 from __future__ import annotations
@@ -43,7 +43,20 @@ def _process(process_index, process_count) -> tuple[int, int]:
     return p, n
 
 
+def check_batch_sizes(config) -> None:
+    """`config.data.batch_size` and `eval_batch_size` are whole numbers of examples >= 1."""
+    for key in ("batch_size", "eval_batch_size"):
+        _check_positive(config.data[key], key)
+
+
+def _check_positive(value, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"config.data.{key}={value!r}; expected a whole number of examples "
+                         f">= 1 (the global batch, split over the data and fsdp mesh axes)")
+
+
 def per_process_batch(global_batch: int, process_count: int, key: str) -> int:
+    _check_positive(global_batch, key)
     if global_batch % process_count:
         raise ValueError(
             f"config.data.{key}={global_batch} is not divisible by the {process_count} "

@@ -1,7 +1,8 @@
 """A PNG of the run's learning curves, written beside `metrics.jsonl` at the end of a run."""
 
-import json
 import os
+
+from train.metrics_log import read_metrics
 
 
 def write_learning_curves(workdir, filename="learning_curves.png"):
@@ -9,8 +10,7 @@ def write_learning_curves(workdir, filename="learning_curves.png"):
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_metrics(path)  # A torn last line (a killed run) is skipped.
     import matplotlib
 
     matplotlib.use("Agg")  # Files only: no display on servers and CI.

@@ -14,6 +14,8 @@ import os
 import numpy as np
 
 from train.experiments import ablations, sweep_report
+from train.metrics_log import read_metrics
+from train.run_record import read_results
 
 _MB = 2 ** 20
 
@@ -52,11 +54,7 @@ def _part_runs(workdir, part):
     runs = []
     for trial in trials:
         trial_dir = os.path.join(ablations.part_dir(workdir, part), trial["name"])
-        results_path = os.path.join(trial_dir, "results.json")
-        results = None
-        if os.path.exists(results_path):
-            with open(results_path) as f:
-                results = json.load(f)
+        results = read_results(os.path.join(trial_dir, "results.json"))  # None: unfinished.
         runs.append((trial, results, trial_dir))
     return runs
 
@@ -304,7 +302,7 @@ def _plot_methods(path, rows):
 
 
 def _tokens_per_s(trial_dir):
-    records = sweep_report._read_jsonl(os.path.join(trial_dir, "metrics.jsonl"))
+    records = read_metrics(os.path.join(trial_dir, "metrics.jsonl"))
     values = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     return float(np.median(values)) if values else None
 

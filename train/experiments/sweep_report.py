@@ -9,7 +9,6 @@ with its test score.
 """
 
 import csv
-import json
 import math
 import os
 import re
@@ -17,6 +16,8 @@ import re
 import numpy as np
 
 from train.experiments.sweeps import format_value, short_names
+from train.metrics_log import read_metrics
+from train.run_record import read_results
 
 # Order of the metric columns by their first path component; the rest follow, sorted.
 _COLUMN_RANK = ("step", "train_time_s", "parameters", "peak_memory", "data", "forgetting")
@@ -55,10 +56,9 @@ def collect_rows(workdir, trials, failed=()):
     rows = []
     for trial in trials:
         row = {"trial": trial.name}
-        path = os.path.join(workdir, trial.name, "results.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results = flatten_results(json.load(f))
+        results = read_results(os.path.join(workdir, trial.name, "results.json"))
+        if results is not None:  # Complete: an empty or half-written file is not done.
+            results = flatten_results(results)
             row["status"] = "done"
         else:
             results = {}
@@ -218,13 +218,6 @@ def _pyplot():
     return plt
 
 
-def _read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plot_learning_curves(path, workdir, groups, spec, best=None):
     """Train loss and eval metric against step, every trial; one colour per group."""
     plt = _pyplot()
@@ -235,7 +228,7 @@ def plot_learning_curves(path, workdir, groups, spec, best=None):
         is_best = g == best
         legend = label + (" (best)" if is_best else "")
         for trial_name in names:
-            records = _read_jsonl(os.path.join(workdir, trial_name, "metrics.jsonl"))
+            records = read_metrics(os.path.join(workdir, trial_name, "metrics.jsonl"))
             for axis, key in zip(axes, ("train/loss", f"eval/{name}")):
                 points = [(r["step"], r[key]) for r in records
                           if isinstance(r.get(key), (int, float))]

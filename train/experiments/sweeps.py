@@ -37,6 +37,9 @@ import re
 import ml_collections
 import numpy as np
 
+from train.run_files import atomic_write_text
+from train.run_record import read_results
+
 log = logging.getLogger("strata")
 
 SPEC_FIELDS = ("grid", "random", "num_trials", "seeds", "metric", "mode", "search_seed")
@@ -383,7 +386,10 @@ def trial_command(config_path, trial, workdir, cli_overrides=(), python="python"
 
 
 def is_finished(workdir, trial):
-    return os.path.exists(os.path.join(workdir, trial.name, "results.json"))
+    """True when the trial's results.json is complete (a JSON object): the last file a run
+    writes. An empty or half-written one (a killed copy, a full disk) runs the trial again;
+    `read_results` logs which."""
+    return read_results(os.path.join(workdir, trial.name, "results.json")) is not None
 
 
 def write_sweep_record(workdir, config_path, spec, trials, cli_overrides=()):
@@ -392,10 +398,8 @@ def write_sweep_record(workdir, config_path, spec, trials, cli_overrides=()):
     record = {"config": config_path, "cli_overrides": list(cli_overrides),
               "spec": dataclasses.asdict(spec),
               "trials": [t.to_json() for t in trials]}
-    tmp = os.path.join(workdir, "sweep.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=repr)
-    os.replace(tmp, os.path.join(workdir, "sweep.json"))
+    atomic_write_text(os.path.join(workdir, "sweep.json"),
+                      json.dumps(record, indent=2, default=repr))
 
 
 def run_trials(workdir, trials, run_trial, on_done=None):

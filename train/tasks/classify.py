@@ -3,7 +3,7 @@
 import numpy as np
 
 from train import objectives
-from train.data import augmentation, pipeline
+from train.data import augmentation, pipeline, sources
 from train.tasks.registry import Task, check_heads, register
 
 
@@ -13,6 +13,9 @@ class Classify(Task):
 
     def check(self, config):
         check_heads(config, ("classify",), "a classifier reads the classify head")
+
+    def check_source(self, config, source, split):
+        sources.check_labels(source, config.model.num_classes, split, config.data)
 
     def train_iterator(self, source, tok, data_cfg, seed):
         return pipeline.make_train_iterator(
@@ -28,9 +31,8 @@ class Classify(Task):
             if train_source is None:  # Shapes only: the weights' values do not matter.
                 class_weights = tuple([1.0] * config.model.num_classes)
             else:
-                labels = [train_source[i]["label"] for i in range(len(train_source))]
-                class_weights = objectives.balanced_class_weights(
-                    np.bincount(labels, minlength=config.model.num_classes))
+                class_weights = objectives.balanced_class_weights(np.bincount(
+                    sources.label_array(train_source), minlength=config.model.num_classes))
         return objectives.Classification(
             num_classes=config.model.num_classes, class_weights=class_weights,
             label_smoothing=config.train.label_smoothing)

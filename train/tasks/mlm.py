@@ -2,7 +2,8 @@
 prefix-LM rows (data.prefix_lm_fraction > 0)."""
 
 from train import objectives
-from train.data import augmentation, masking, pipeline, unilm
+from train.data import augmentation, pipeline
+from train.tasks import masking, unilm
 from train.tasks.registry import Task, check_heads, register
 
 

@@ -2,7 +2,7 @@
 (question, passages, answer) examples a runner wrote to data.qa_dir."""
 
 from train import objectives
-from train.data import prefix_lm
+from train.tasks import prefix_lm_examples as examples
 from train.tasks.registry import Task, register
 
 
@@ -21,13 +21,13 @@ class PrefixLM(Task):
         check_generator(config)
 
     def load_split(self, data_cfg, split):
-        return prefix_lm.load_split(data_cfg, split)
+        return examples.load_split(data_cfg, split)
 
     def train_iterator(self, source, tok, data_cfg, seed):
-        return prefix_lm.make_train_iterator(source, tok, data_cfg, seed=seed)
+        return examples.make_train_iterator(source, tok, data_cfg, seed=seed)
 
     def eval_iterator(self, source, tok, data_cfg):
-        return prefix_lm.make_eval_iterator(source, tok, data_cfg)
+        return examples.make_eval_iterator(source, tok, data_cfg)
 
     def objective(self, config, train_source=None):
         return objectives.PrefixLM()

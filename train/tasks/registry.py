@@ -43,6 +43,10 @@ class Task:
     def load_split(self, data_cfg, split):
         return sources.load_split(data_cfg, split)
 
+    def check_source(self, config, source, split) -> None:
+        """Raises ValueError, naming the file or dataset, when a loaded split cannot be
+        trained or evaluated under `config` (e.g. labels beyond num_classes)."""
+
     def prepare_data(self, data_cfg) -> None:
         """Builds the dataset and tokenizer (process 0 first, on multi-host)."""
         if self.prepared_corpus:

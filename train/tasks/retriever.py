@@ -3,7 +3,7 @@ by the shared encoder, in-batch contrastive loss. `retrieval/retriever_run.py` r
 around the loop: it writes the pairs and measures recall before and after."""
 
 from train import objectives
-from train.data import pairs
+from train.tasks import pairs
 from train.tasks.registry import Task, register
 
 

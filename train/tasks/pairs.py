@@ -21,7 +21,8 @@ import hashlib
 import grain
 import numpy as np
 
-from train.data import pipeline, prefix_lm
+from train.data import pipeline
+from train.tasks import prefix_lm_examples as prefix_lm
 
 # The files are read and written as prefix_lm's: one JSON example per line.
 load_split = prefix_lm.load_split

@@ -1,7 +1,7 @@
 """UniLM's pre-training mix (Dong et al. 2019): some masked-LM rows become prefix-LM rows.
 
 With config.data.prefix_lm_fraction = p > 0 (task "mlm"), each training row is a
-prefix-LM row with probability p, else a masked-LM row (train/data/masking.py). Every
+prefix-LM row with probability p, else a masked-LM row (train/tasks/masking.py). Every
 batch carries both kinds of fields, with fixed shapes, so one compiled step trains both:
   tokens, mlm_positions, mlm_targets, mlm_weights   as masking.py; on prefix-LM rows the
                                                     tokens are the original ones and
@@ -34,7 +34,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from train.data import masking
+from train.tasks import masking
 
 _PREFIX_LM_SALT = 0x756E696C6D  # Separates the rows' and splits' seed from the mask seed.
 
