@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from model import hf_bert
+from train.checkpoints import newest_verified_step_dir
 from train.param_rules import path_string
 
 log = logging.getLogger("strata")
@@ -24,10 +25,12 @@ def resolve_checkpoint(path):
     """A workdir (-> its latest checkpoint), a `checkpoints/` dir, or one step's dir."""
     path = os.path.abspath(path)
     for candidate in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(candidate):
-            steps = [int(s) for s in os.listdir(candidate) if s.isdigit()]
-            if steps:
-                return os.path.join(candidate, str(max(steps)))
+        if os.path.isdir(candidate) and any(s.isdigit() for s in os.listdir(candidate)):
+            step_dir = newest_verified_step_dir(candidate)  # Corrupt steps skipped.
+            if step_dir is None:
+                raise FileNotFoundError(f"config.init_from={path!r}: every checkpoint in "
+                                        f"{candidate} fails its checksum manifest")
+            return step_dir
     if os.path.isdir(os.path.join(path, "state")):
         return path
     raise FileNotFoundError(

@@ -96,9 +96,10 @@ def load_data(config) -> RunData:
 def restore_or_init(trainer, checkpoints, data, config, workdir):
     """-> (state, first step): the latest checkpoint (state and data position), or a
     fresh state with config.init_from's parameters loaded over it."""
-    start_step = checkpoints.latest_step()
-    if start_step is not None:
-        state, data_state = checkpoints.restore(trainer.abstract_state())
+    # The newest intact step: a corrupt or incomplete one is set aside, never deleted.
+    restored = checkpoints.restore_latest_intact(trainer.abstract_state())
+    if restored is not None:
+        start_step, state, data_state = restored
         data.train_iter.set_state(data_state)
         log.info("Resumed from step %d in %s", start_step, workdir)
         return state, start_step

@@ -120,3 +120,27 @@ def _try_run(config, tmp_path):
     except Exception as error:  # noqa: BLE001 - returned for the assertion.
         return error
     return None
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_to_the_step_before(wordnet_data_dir,
+                                                                  tmp_path):
+    config = tiny_config(wordnet_data_dir, num_steps=6)  # Saves steps 3 and 6.
+    loop.train_and_evaluate(config, str(tmp_path))
+    step_dir = tmp_path / "checkpoints" / "6"
+    data_files = sorted((p for p in step_dir.rglob("*") if p.is_file()
+                         and p.stat().st_size > 1000), key=lambda p: -p.stat().st_size)
+    with open(data_files[0], "r+b") as f:  # Flip bytes in the biggest file.
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    config.train.num_steps = 7
+    results = loop.train_and_evaluate(config, str(tmp_path))
+    assert results["step"] == 7
+    names = os.listdir(tmp_path / "checkpoints")
+    assert any(n.startswith("6.corrupt-") for n in names), names  # Set aside, not deleted.
+    with open(tmp_path / "run_history.jsonl") as f:
+        assert len(f.readlines()) == 2
+    with open(tmp_path / "metrics.jsonl") as f:  # Steps 4..6 were redone from step 3.
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 8))
