@@ -143,3 +143,24 @@ def test_no_module_compares_the_task_name_outside_the_registry():
                     if ".task ==" in text or ".task in (" in text or ".task !=" in text:
                         offenders.append(os.path.join(directory, file))
     assert not offenders, offenders
+
+
+def test_the_training_core_imports_no_experiment_config_or_entry_point():
+    """DESIGN.md's layers: train/ (but train/experiments/) never imports
+    train.experiments, configs, retrieval or launch."""
+    import ast
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    forbidden = ("train.experiments", "configs", "retrieval", "launch")
+    offenders = []
+    for directory, _, files in os.walk(os.path.join(repo, "train")):
+        if os.path.join("train", "experiments") in directory:
+            continue
+        for file in (f for f in files if f.endswith(".py")):
+            path = os.path.join(directory, file)
+            for node in ast.walk(ast.parse(open(path).read())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [(path, n) for n in names
+                              if any(n == f or n.startswith(f + ".") for f in forbidden)]
+    assert not offenders, offenders
