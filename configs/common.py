@@ -65,11 +65,20 @@ def parse_arg(arg, **defaults):
         if not _:
             parsed[key] = True
         elif isinstance(default, bool):
+            if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"Config argument {key}={value!r} in {arg!r}: expected a "
+                                 f"boolean (true/false, 1/0, yes/no)")
             parsed[key] = value.lower() in ("1", "true", "yes")
         elif default is None:
             parsed[key] = value
         else:
-            parsed[key] = type(default)(value)
+            try:
+                parsed[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(
+                    f"Config argument {key}={value!r} in {arg!r}: expected "
+                    f"{'an' if type(default) is int else 'a'} {type(default).__name__} "
+                    f"like the default {default!r}") from None
     return parsed
 
 

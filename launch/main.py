@@ -90,6 +90,9 @@ def parse_flags(argv):
         # ml_collections raises KeyError/AttributeError for unknown config keys.
         detail = str(error.args[0] if error.args else error).replace("\\n", " ")
         detail = " ".join(detail.replace("\\", "").replace("'", "").split())
+        if "Error whilst parsing config file" in detail:  # The config file's own error.
+            config = next((a for a in argv if a.startswith("--config=")), "--config")
+            sys.exit(f"FATAL: {config}: {detail.rsplit('Error: ', 1)[-1]}")
         overrides = [a for a in argv if a.startswith("--config.")]
         sys.exit(f"FATAL: bad config override among {overrides}: {detail}")
 

@@ -148,3 +148,16 @@ def test_the_loop_refuses_labels_beyond_num_classes_before_writing(tmp_path):
                                          r"config.model.num_classes=52"):
         loop.train_and_evaluate(config, str(workdir))
     assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("arg,expected", [
+    ("method=lora,lora_rank=abc", "lora_rank='abc' in 'method=lora,lora_rank=abc': "
+                                  "expected an int like the default 8"),
+    ("method=lora,lora_alpha=x", "expected a float like the default 16.0"),
+    ("method=bitfit,norm_offsets=maybe", "expected a boolean")])
+def test_a_colon_argument_of_the_wrong_type_names_it(arg, expected):
+    from configs import finetune
+
+    with pytest.raises(ValueError, match="Config argument") as error:
+        finetune.get_config(arg)
+    assert expected in str(error.value)
