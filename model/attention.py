@@ -84,20 +84,31 @@ def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_
         return jax.nn.dot_product_attention(query, key, value, mask=mask,
                                             implementation="cudnn").astype(dtype)
     if impl == "splash":
+        key, value = repeat_kv(key, query.shape[2]), repeat_kv(value, query.shape[2])
         return splash_attention(query, key, value, segment_ids, causal=mask_mode == "causal",
                                 interpret=interpret).astype(dtype)
     if impl == "dot_product" and not use_dropout:
         # jax.nn's default implementation: its XLA path (dropout falls to the einsum).
         return jax.nn.dot_product_attention(query, key, value, mask=mask).astype(dtype)
-    depth = query.shape[-1]
+    depth, (batch, q_len, heads, _), kv_heads = query.shape[-1], query.shape, key.shape[2]
     query = query / jnp.sqrt(depth).astype(query.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    # Grouped-query attention: query head h reads key/value head h // (heads / kv_heads),
+    # computed per group without copying the keys and values.
+    query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, depth)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", query, key).astype(jnp.float32)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
     if use_dropout:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = weights * keep / (1.0 - dropout_rate)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), value)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights.astype(dtype), value)
+    return out.reshape(batch, q_len, heads, depth)
+
+
+def repeat_kv(x, heads):
+    """[batch, seq, kv_heads, dim] -> [batch, seq, heads, dim], each kv head repeated for
+    its group of query heads (for kernels without grouped-query support)."""
+    return jnp.repeat(x, heads // x.shape[2], axis=2) if x.shape[2] != heads else x
 
 
 def kernel_unsupported(impl, *, query, key, segment_ids, mask_mode, dropout_rate,
@@ -185,6 +196,7 @@ class Linear(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     lora: LoraSpec | None = None  # Adds a low-rank update (model/lora.py) when set.
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x, deterministic=True):
@@ -193,10 +205,11 @@ class Linear(nn.Module):
             "kernel", initializers.kernel(self.init, self.init_std, self.logical_axes,
                                           self.in_ndim),
             (*in_shape, *self.features), self.param_dtype)
-        bias = self.param("bias", initializers.zeros(self.logical_axes[self.in_ndim:]),
-                          self.features, self.param_dtype)
-        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        y = _contract(x, kernel, self.in_ndim) + bias
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = _contract(x, kernel, self.in_ndim)
+        if self.use_bias:
+            y = y + self.param("bias", initializers.zeros(self.logical_axes[self.in_ndim:]),
+                               self.features, self.param_dtype).astype(self.dtype)
         if self.lora is not None:
             y = y + self._lora_update(x, in_shape, deterministic)
         return y
@@ -263,6 +276,9 @@ class MultiHeadAttention(nn.Module):
     ia3: bool = False  # (IA)^3: learned per-channel scales of keys and values.
     prefix_length: int = 0  # Prefix tuning: learned keys/values every query attends to.
     rope: bool = False  # Rotate queries and keys by `positions` (`rotary`).
+    rope_theta: float = 10_000.0  # RoPE's base.
+    num_kv_heads: int = 0  # Grouped-query attention's key/value heads; 0 = num_heads.
+    use_bias: bool = True  # Biases on the four projections.
 
     @nn.compact
     def __call__(self, x, mask, *, deterministic=True, decode=False, prefix_kv=None,
@@ -275,13 +291,15 @@ class MultiHeadAttention(nn.Module):
         prefix-tuning keys are position-free)."""
         embed = x.shape[-1]
 
-        def projection(name):
-            return Linear((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+        def projection(name, heads):
+            return Linear((heads, self.head_dim), ("embed", "heads", "kv"),
                           init=self.init, init_std=self.init_std, dtype=self.dtype,
                           param_dtype=self.param_dtype, lora=self._lora(name),
-                          name=name)(x, deterministic)
+                          use_bias=self.use_bias, name=name)(x, deterministic)
 
-        query, key, value = projection("query"), projection("key"), projection("value")
+        kv_heads = self.kv_heads
+        query = projection("query", self.num_heads)
+        key, value = projection("key", kv_heads), projection("value", kv_heads)
         axes = ("activation_batch", "activation_length", "activation_heads", "kv")
         query = nn.with_logical_constraint(query, axes)
         key = nn.with_logical_constraint(key, axes)
@@ -290,7 +308,8 @@ class MultiHeadAttention(nn.Module):
         if self.rope:
             if positions is None:
                 raise ValueError("config.model.position_embedding='rope' needs positions")
-            query, key = rotary(query, positions), rotary(key, positions)
+            query = rotary(query, positions, self.rope_theta)
+            key = rotary(key, positions, self.rope_theta)
 
         if decode:
             key, value = self._update_cache(key, value)
@@ -314,7 +333,11 @@ class MultiHeadAttention(nn.Module):
         return Linear((embed,), ("heads", "kv", "embed"), in_ndim=2, init=self.init,
                       init_std=self.init_std, dtype=self.dtype,
                       param_dtype=self.param_dtype, lora=self._lora("out"),
-                      name="out")(out, deterministic)
+                      use_bias=self.use_bias, name="out")(out, deterministic)
+
+    @property
+    def kv_heads(self):
+        return self.num_kv_heads or self.num_heads
 
     def _lora(self, name):
         return self.lora.for_projection(name) if self.lora is not None else None
@@ -333,14 +356,14 @@ class MultiHeadAttention(nn.Module):
 
     def _ia3_scale(self, name):
         return self.param(name, initializers.ones(("heads", "kv")),
-                          (self.num_heads, self.head_dim), self.param_dtype)
+                          (self.kv_heads, self.head_dim), self.param_dtype)
 
     def _prepend_prefix(self, key, value, mask, prefix_kv=None):
         """Prefix tuning (Li & Liang 2021): p learned `prefix_key`, `prefix_value`
         [p, heads, head_dim] before the keys/values [batch, k_len, ...], visible to every
         query: mask [batch, 1, q_len, k_len] -> [batch, 1, q_len, p + k_len].
         """
-        shape = (self.prefix_length, self.num_heads, self.head_dim)
+        shape = (self.prefix_length, self.kv_heads, self.head_dim)
         init = initializers.embedding(self.init_std, (None, "heads", "kv"))
 
         def prepend(name, x):
@@ -357,7 +380,7 @@ class MultiHeadAttention(nn.Module):
 
     def _update_cache(self, key, value):
         batch = key.shape[0]
-        shape = (batch, self.max_len, self.num_heads, self.head_dim)
+        shape = (batch, self.max_len, self.kv_heads, self.head_dim)
         initialised = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)

@@ -14,7 +14,15 @@ DEFAULTS = dict(
     dropout=0.1,
     attention_dropout=0.1,
     norm="post",  # "pre" (GPT-2/T5) or "post" (original BERT).
-    layer_norm_eps=1e-12,
+    layer_norm_eps=1e-12,  # Also RMSNorm's epsilon.
+    # Llama family options (SmolLM2: rmsnorm, swiglu, 3 kv heads, no bias, theta 1e5,
+    # tied). "layernorm" (BERT) | "rmsnorm" (scale only, no mean subtraction).
+    norm_type="layernorm",
+    mlp_activation="gelu",  # "gelu" (BERT: wi, wo) | "swiglu" (wo(silu(gate) * wi)).
+    num_kv_heads=-1,  # Grouped-query attention: key/value heads; -1 = num_heads.
+    use_bias=True,  # Biases in attention and MLP projections (Llama has none).
+    rope_theta=10_000.0,  # RoPE's base (position_embedding="rope").
+    tie_embeddings=True,  # The "lm" head reuses the token embedding; False: lm_head.
     init="truncated_normal",  # "truncated_normal" (BERT) | "xavier" | "he".
     init_std=0.02,  # Used by truncated_normal.
     dtype="float32",  # Compute dtype; bfloat16 on accelerators.

@@ -153,7 +153,7 @@ def _last_logits(module, tokens, *, positions, attention_mask=None, segment_ids=
         picked = hidden[:, -1]
     else:
         picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return module.encoder.attend(picked).astype(jnp.float32)
+    return module.lm_logits(picked).astype(jnp.float32)
 
 
 def _empty_cache(model, batch, slots):

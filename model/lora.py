@@ -12,7 +12,7 @@ import re
 import jax.numpy as jnp
 
 # Projections LoRA can target: attention (model/attention.py) and MLP (model/transformer.py).
-TARGETS = ("query", "key", "value", "out", "wi", "wo")
+TARGETS = ("query", "key", "value", "out", "wi", "wo", "gate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +54,12 @@ def check(cfg):
             raise ValueError(f"config.model.lora_targets={cfg['lora_targets']!r} matches none "
                              f"of {TARGETS}")
         attention = cfg["num_heads"] * cfg["head_dim"]
-        sizes = {"query": (cfg["hidden"], attention), "key": (cfg["hidden"], attention),
-                 "value": (cfg["hidden"], attention), "out": (attention, cfg["hidden"]),
-                 "wi": (cfg["hidden"], cfg["mlp_dim"]), "wo": (cfg["mlp_dim"], cfg["hidden"])}
+        kv_heads = cfg.get("num_kv_heads", -1)
+        kv = (cfg["num_heads"] if kv_heads in (-1, None) else kv_heads) * cfg["head_dim"]
+        sizes = {"query": (cfg["hidden"], attention), "key": (cfg["hidden"], kv),
+                 "value": (cfg["hidden"], kv), "out": (attention, cfg["hidden"]),
+                 "wi": (cfg["hidden"], cfg["mlp_dim"]), "wo": (cfg["mlp_dim"], cfg["hidden"]),
+                 "gate": (cfg["hidden"], cfg["mlp_dim"])}
         for target in hits:  # A rank above min(in, out) is no longer low-rank.
             if cfg["lora_rank"] > min(sizes[target]):
                 raise ValueError(

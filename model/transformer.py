@@ -27,7 +27,16 @@ REMAT_POLICIES = {
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
+NORM_TYPES = ("layernorm", "rmsnorm")
+MLP_ACTIVATIONS = ("gelu", "swiglu")
+
+
 def layer_norm(cfg, name):
+    """BERT's LayerNorm (scale, bias) or Llama's RMSNorm (scale only), per cfg.norm_type."""
+    if cfg.norm_type == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype,
+                          scale_init=initializers.ones(("norm",)), name=name)
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         scale_init=initializers.ones(("norm",)), bias_init=initializers.zeros(("norm",)),
@@ -50,7 +59,11 @@ class Mlp(nn.Module):
     def __call__(self, x, deterministic=True):
         cfg = self.cfg
         h = self.projection(cfg.mlp_dim, ("embed", "mlp"), "wi")(x, deterministic)
-        h = nn.gelu(h, approximate=False)
+        if cfg.mlp_activation == "swiglu":  # Shazeer 2020: silu(gate) * wi (Llama's "up").
+            gate = self.projection(cfg.mlp_dim, ("embed", "mlp"), "gate")(x, deterministic)
+            h = nn.silu(gate) * h
+        else:
+            h = nn.gelu(h, approximate=False)
         h = nn.with_logical_constraint(
             h, ("activation_batch", "activation_length", "activation_mlp")
         )
@@ -63,7 +76,7 @@ class Mlp(nn.Module):
         """A dense layer (params `kernel`, `bias`, as nn.Dense) that LoRA can target."""
         cfg, spec = self.cfg, lora.spec(self.cfg)
         return Linear((features,), axes, init=cfg.init, init_std=cfg.init_std,
-                      dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.use_bias,
                       lora=spec.for_projection(name) if spec else None, name=name)
 
     def adapt_hidden(self, h):
@@ -112,7 +125,8 @@ class Block(nn.Module):
             impl=cfg.attention_impl, mask_mode=cfg.attention_mask,
             dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             lora=lora.spec(cfg), ia3=cfg.ia3, prefix_length=cfg.prefix_length,
-            rope=uses_rope(cfg), name="attention",
+            rope=uses_rope(cfg), rope_theta=cfg.rope_theta, num_kv_heads=cfg.num_kv_heads,
+            use_bias=cfg.use_bias, name="attention",
         )
         mlp = Mlp(cfg, name="mlp")
         drop = nn.Dropout(cfg.dropout)
@@ -274,7 +288,7 @@ class PrefixMlp(nn.Module):
     @nn.compact
     def __call__(self):
         cfg = self.cfg
-        p, heads, head_dim = cfg.prefix_length, cfg.num_heads, cfg.head_dim
+        p, heads, head_dim = cfg.prefix_length, cfg.num_kv_heads, cfg.head_dim
         embedding = self.param("embedding", initializers.embedding(cfg.init_std, (None, "embed")),
                                (p, cfg.hidden), cfg.param_dtype)
         h = jnp.tanh(dense(cfg, cfg.prefix_mlp_dim, ("embed", "mlp"), "hidden")(embedding))
@@ -354,6 +368,17 @@ class Model(nn.Module):
             self.classify_head = ClassifyHead(cfg)
         if "mlm" in cfg.heads:
             self.mlm_head = MlmHead(cfg)
+        if "lm" in cfg.heads and not cfg.tie_embeddings:
+            self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), init=cfg.init,
+                                  init_std=cfg.init_std, dtype=cfg.dtype,
+                                  param_dtype=cfg.param_dtype, use_bias=False)
+
+    def lm_logits(self, hidden):
+        """The "lm" head: hidden [..., embed] -> logits [..., vocab], tied to the token
+        embedding (cfg.tie_embeddings) or its own `lm_head`."""
+        if self.cfg.tie_embeddings:
+            return self.encoder.attend(hidden)
+        return self.lm_head(hidden)
 
     def __call__(self, tokens, *, segment_ids=None, positions=None, token_type_ids=None,
                  prefix_mask=None, attention_mask=None, mlm_positions=None,
@@ -376,7 +401,7 @@ class Model(nn.Module):
                     selected = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)
                 outputs[head] = self.mlm_head(selected, self.encoder.attend)
             elif head == "lm":
-                outputs[head] = self.encoder.attend(hidden)
+                outputs[head] = self.lm_logits(hidden)
         return outputs
 
 
@@ -400,6 +425,20 @@ def resolve(cfg):
     cfg["param_dtype"] = jnp.dtype(cfg["param_dtype"])
     cfg["heads"] = tuple(cfg["heads"])
     cfg.setdefault("position_embedding", "learned")
+    # Runs saved before the Llama options existed are BERT-family models.
+    for key, default in (("norm_type", "layernorm"), ("mlp_activation", "gelu"),
+                         ("num_kv_heads", -1), ("use_bias", True), ("rope_theta", 10_000.0),
+                         ("tie_embeddings", True)):
+        cfg.setdefault(key, default)
+    for key, allowed in (("norm_type", NORM_TYPES), ("mlp_activation", MLP_ACTIVATIONS)):
+        if cfg[key] not in allowed:
+            raise ValueError(f"config.model.{key}={cfg[key]!r}; expected one of {allowed}")
+    if cfg["num_kv_heads"] in (-1, None):
+        cfg["num_kv_heads"] = cfg["num_heads"]
+    if cfg["num_kv_heads"] < 1 or cfg["num_heads"] % cfg["num_kv_heads"]:
+        raise ValueError(f"config.model.num_kv_heads={cfg['num_kv_heads']} must divide "
+                         f"config.model.num_heads={cfg['num_heads']} (grouped-query "
+                         f"attention: each key/value head serves a group of query heads)")
     fields = sorted(cfg)
     frozen = dataclasses.make_dataclass("ModelConfig", fields, frozen=True)(**cfg)
     uses_rope(frozen)  # Fails early on an unknown kind.

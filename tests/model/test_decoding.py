@@ -22,6 +22,11 @@ PROMPTS = np.where(np.arange(6)[None, :] < LENGTHS[:, None],
                    np.random.default_rng(0).integers(4, 97, (3, 6)), 0)
 
 
+# The Llama family's options (SmolLM2's shape of choices) on the tiny model.
+LLAMA = dict(norm_type="rmsnorm", mlp_activation="swiglu", num_kv_heads=2, use_bias=False,
+             position_embedding="rope", rope_theta=100_000.0, tie_embeddings=False)
+
+
 @functools.cache  # One Model object per shape: the compiled decoders are reused.
 def tiny_model(vocab_size=97, mode="causal", perturb=False, **overrides):
     """A 2-layer, hidden-64 f32 model; init_std 0.5 makes its distributions sharp (no
@@ -77,6 +82,9 @@ def decode(fn, model, params, config, rng=None, prompts=PROMPTS, lengths=LENGTHS
 @pytest.mark.parametrize("mode, peft", [
     ("causal", {}), ("prefix", {}), ("prefix", dict(position_embedding="rope")),
     ("causal", dict(lora_rank=2, lora_targets="query|key|value|out|wi|wo",
+                    prefix_length=3)),
+    ("causal", LLAMA),  # Grouped-query KV cache (2 kv heads of 4), untied head.
+    ("causal", dict(LLAMA, lora_rank=2, lora_targets="query|value|gate", ia3=True,
                     prefix_length=3))])
 def test_cached_greedy_equals_full_recompute(mode, peft):
     model, params = tiny_model(mode=mode, perturb=bool(peft), **peft)
