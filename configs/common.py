@@ -24,6 +24,17 @@ PRETRAINED = {
                    max_len=512, type_vocab_size=2, layer_norm_eps=1e-12, norm="post"),
 }
 
+# Pre-trained decoders as GGUF files by alias (`configs/decoder.py:gguf=smollm2`, init_from
+# `gguf:smollm2`): the file's architecture, which train/init_from.py checks at start-up.
+DECODERS = {
+    "smollm2": dict(vocab_size=49152, hidden=576, num_layers=30, num_heads=9,
+                    num_kv_heads=3, head_dim=64, mlp_dim=1536, layer_norm_eps=1e-5,
+                    rope_theta=100_000.0, tie_embeddings=True, norm="pre",
+                    norm_type="rmsnorm", mlp_activation="swiglu", use_bias=False,
+                    position_embedding="rope", type_vocab_size=0,
+                    attention_mask="causal"),
+}
+
 # Logical axis -> mesh axes (MaxText style). Changing parallelism is an edit here.
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),

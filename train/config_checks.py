@@ -23,7 +23,7 @@ CHOICES = {
     "data.source": ("wordnet", "tfds", "local"),
     "data.sampling": SAMPLINGS,
     "optim.regularize_toward": TOWARD,
-    "data.tokenizer": ("sentencepiece", "wordpiece"),
+    "data.tokenizer": ("sentencepiece", "wordpiece", "gguf"),
     "prng_impl": ("", "threefry2x32", "rbg", "unsafe_rbg"),
 }
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from model import hf_bert
+from model import gguf_llama, hf_bert
 from train.checkpoints import newest_verified_step_dir
 from train.param_rules import path_string
 
@@ -47,6 +47,9 @@ def load_params(path):
         directory = hf_bert.resolve_dir(path)
         flat, _, _ = hf_bert.load(directory)
         return flat, directory
+    if path.startswith("gguf:"):  # A Llama-family GGUF file, dequantized.
+        flat, _, file = gguf_llama.load(path)
+        return flat, file
     step_dir = resolve_checkpoint(path)
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(os.path.join(step_dir, "state"))
@@ -85,6 +88,9 @@ def check_hf_model_config(config):
     """`init_from=hf:...`: config.model must have the checkpoint's architecture; fails at
     start-up naming each mismatched field with both values and the overrides to use."""
     init_from = config.get("init_from", "")
+    if init_from.startswith("gguf:"):
+        gguf_llama.check_model_config(config.model, init_from)
+        return
     if not init_from.startswith("hf:"):
         return
     fields = hf_bert.model_fields(hf_bert.read_config(hf_bert.resolve_dir(init_from)))
@@ -105,7 +111,8 @@ def init_params_from(path, params):
     if report["shape_mismatch"]:
         # A checkpoint must fit exactly: silently re-initialising, say, a vocabulary-sized
         # embedding table would waste the pre-training without anyone noticing.
-        hint = ("set config.model to the checkpoint's config.json" if path.startswith("hf:")
+        hint = ("set config.model to the checkpoint's config.json"
+                if path.startswith(("hf:", "gguf:"))
                 else "make config.model (and config.data.vocab_size) match the run it came "
                      "from")
         raise ValueError(

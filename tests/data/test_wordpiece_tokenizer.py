@@ -43,7 +43,7 @@ def test_get_tokenizer_dispatches_on_config(vocab):
     with pytest.raises(tokenizers.TokenizerError, match="tokenizer_path"):
         tokenizers.get_tokenizer(cfg)
     cfg.tokenizer_path, cfg.tokenizer = str(vocab), "bpe"
-    with pytest.raises(tokenizers.TokenizerError, match="'sentencepiece' or 'wordpiece'"):
+    with pytest.raises(tokenizers.TokenizerError, match="'sentencepiece', 'wordpiece' or 'gguf'"):
         tokenizers.get_tokenizer(cfg)
 
 

