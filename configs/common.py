@@ -262,6 +262,12 @@ def base_config():
             # Re-retrieve every N generated answer pieces with the answer so far added to
             # the query; 0: retrieve once, before decoding.
             reretrieve_every=0,
+            # The generator: "" trains the prefix-LM one (RAFT); "gguf:smollm2" (or
+            # gguf:<path>) answers zero-shot from a ChatML prompt, no weight update
+            # (retrieval/chat_generator.py), greedy, at most generator_max_new_tokens.
+            generator="",
+            generator_max_new_tokens=24,
+            generator_max_len=1024,  # Its context: the longest prompt + answer decoded.
         )
     )
 

@@ -5,6 +5,8 @@ r"""Stage 4 — retrieval-augmented generation on WordNet knowledge questions.
   python -m launch.ask --workdir runs/rag "What is a poodle a kind of?"
   # Starting the generator from the MLM checkpoint (same size and tokenizer):
   python -m launch.main --config configs/rag.py --config.init_from=runs/mlm --workdir W
+  # SmolLM2-135M-Instruct answering zero-shot from the retrieved passages (no training):
+  python -m launch.main --config configs/rag.py:runlocal,gen=smollm2 --workdir runs/rag_smol
 
 One knowledge-base passage per synset, questions whose answer one passage states
 (retrieval/wordnet_qa.py), an all-MiniLM-L6-v2 retriever over a ScaNN index, and the
@@ -12,7 +14,9 @@ shared transformer as a prefix-LM generator trained RAFT style through the norma
 (task "prefix_lm"); retrieval/rag_run.py runs it all and writes results.json.
 Arguments: `runlocal` (a 1,000-passage KB, hypernym questions, a tiny model: minutes on
 a CPU), `size=`, `hf=minilm` (the generator starts from all-MiniLM-L6-v2 and its WordPiece
-vocabulary: UniLM's BERT-initialised prefix-LM).
+vocabulary: UniLM's BERT-initialised prefix-LM), `gen=smollm2` (no generator training:
+SmolLM2-135M-Instruct from its GGUF file answers zero-shot from a ChatML prompt holding
+the k numbered passages, greedy, at most 24 new tokens; retrieval/chat_generator.py).
 
 `--config.rag.reretrieve_every=N` (0: off) re-retrieves during decoding: every N answer
 pieces the unfinished answers search again with question + " " + the answer so far and
@@ -24,7 +28,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, size="mini", hf="")
+    arg = common.parse_arg(arg, runlocal=False, size="mini", hf="", gen="")
     c = common.base_config()
     c.task = "rag"
     c.model = common.model_config(arg.size, heads=("lm",), attention_mask="prefix",
@@ -64,4 +68,9 @@ def get_config(arg=None):
                      max_train_questions=40_000)
     if arg.hf:  # A pre-trained BERT as the generator (UniLM: BERT weights, prefix-LM).
         common.apply_hf(c, arg.hf)  # Its max_len too (>= seq_len).
+    if arg.gen:  # A pre-trained chat decoder, zero-shot: the generator stages are skipped.
+        if arg.gen not in common.DECODERS:
+            raise ValueError(f"configs/rag.py: gen={arg.gen!r}; known: {sorted(common.DECODERS)}")
+        c.rag.update(generator=f"gguf:{arg.gen}", generator_max_new_tokens=24,
+                     decode_batch_size=16)
     return c

@@ -68,6 +68,14 @@ def token_f1(prediction: str, answers) -> float:
     return best
 
 
+def gold_contained(prediction: str, answers) -> float:
+    """1.0 when a gold answer appears in the prediction, case-insensitive, not inside a
+    longer word: a chat model's "A poodle is a kind of dog." contains "dog"."""
+    predicted = " ".join(prediction.lower().split())
+    return float(any(re.search(rf"(?<!\w){re.escape(' '.join(a.lower().split()))}(?!\w)",
+                               predicted) for a in answers if a.strip()))
+
+
 def recall_at_k(retrieved_ids, gold_ids) -> float:
     """Fraction of questions whose gold passage is among their retrieved ids [q, k]."""
     if len(gold_ids) == 0:
@@ -275,8 +283,12 @@ def _citations(ids, scores, count) -> list[tuple[str, float | None]]:
 
 
 def score_answers(answers: list[Answer], gold_answers) -> dict:
-    """Answers [n] and gold answer lists [n] -> {exact_match, f1, count} (means)."""
+    """Answers [n] and gold answer lists [n] -> {exact_match, f1, gold_contained, count}
+    (means)."""
     em = [exact_match(a.answer, gold) for a, gold in zip(answers, gold_answers)]
     f1 = [token_f1(a.answer, gold) for a, gold in zip(answers, gold_answers)]
+    contained = [gold_contained(a.answer, gold) for a, gold in zip(answers, gold_answers)]
     return {"exact_match": float(np.mean(em)) if em else 0.0,
-            "f1": float(np.mean(f1)) if f1 else 0.0, "count": len(em)}
+            "f1": float(np.mean(f1)) if f1 else 0.0,
+            "gold_contained": float(np.mean(contained)) if contained else 0.0,
+            "count": len(em)}

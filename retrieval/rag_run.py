@@ -32,6 +32,11 @@ Stages (`run` calls them in order):
    the questions answered (before), the passages embedded and upserted with no
    training, the questions answered (after).
 6. `evaluate_retrieval`, `evaluate_answers`: held-out (test-split) questions.
+
+With `config.rag.generator` = "gguf:smollm2" (configs/rag.py:gen=smollm2) stages 3-4 are
+skipped: a pre-trained chat decoder answers zero-shot from a ChatML prompt holding the
+numbered passages (retrieval/chat_generator.py), and results.json adds
+"generator": {"spec": ..., "zero_shot": true}.
 """
 
 from __future__ import annotations
@@ -164,6 +169,8 @@ def load_rag(workdir) -> tuple[rag_lib.Rag, ml_collections.ConfigDict]:
                        expected_fingerprint=encoder_fingerprint(encoder[0]))
     retriever = rag_lib.Retriever(encoder, saved.index, saved.passages,
                                   batch_size=config.rag.encode_batch_size)
+    if config.rag.get("generator"):  # Zero-shot: the chat decoder, as the run used it.
+        return rag_lib.Rag(retriever, chat_generator(config)), config
     return rag_lib.Rag(retriever, load_generator(os.path.join(workdir, "generator")),
                        reretrieve_every=config.rag.reretrieve_every), config
 
@@ -224,6 +231,10 @@ def run(config, workdir):
     if rc.reretrieve_every < 0:  # Before the hours of training, not after.
         raise ValueError(f"config.rag.reretrieve_every={rc.reretrieve_every}; expected >= 0 "
                          f"(0 = off)")
+    if rc.generator and rc.reretrieve_every:
+        raise ValueError(f"config.rag.reretrieve_every={rc.reretrieve_every} needs the "
+                         f"trained generator; config.rag.generator={rc.generator!r} answers "
+                         f"in one round (set reretrieve_every=0)")
     os.makedirs(workdir, exist_ok=True)
     with timed(timings, "knowledge_base_s"):
         passages, questions, train_passages = knowledge_base(config)
@@ -231,6 +242,9 @@ def run(config, workdir):
              {s: len(q) for s, q in questions.items()})
     retriever, index = build_or_load_index(config, workdir, passages, timings)
     exact = ExactIndex(index.vectors, index.ids)
+    if rc.generator:  # A pre-trained chat decoder, zero-shot: nothing to fit or train.
+        return _run_zero_shot(config, workdir, retriever, index, exact, passages, questions,
+                              timings)
     gen, questions, too_long, question_vectors = generator_data(
         config, workdir, retriever, exact, passages, questions, train_passages, timings)
     gen_results = train_generator(gen, workdir, timings)
@@ -252,6 +266,43 @@ def run(config, workdir):
         "retrieval": retrieval, **scores, "new_information": new_info,
         "generator": {key: gen_results.get(key) for key in
                       ("step", "train_time_s", "validation", "test", "parameters")},
+        "timings": timings, "samples": samples,
+    }
+    return write_results(workdir, results)
+
+
+def chat_generator(config):
+    """config.rag.generator (`gguf:<alias|path>`) -> the zero-shot ChatGenerator."""
+    from retrieval.chat_generator import ChatGenerator
+
+    rc = config.rag
+    return ChatGenerator.from_spec(rc.generator, max_len=rc.generator_max_len,
+                                   max_new_tokens=rc.generator_max_new_tokens,
+                                   batch_size=rc.decode_batch_size)
+
+
+def _run_zero_shot(config, workdir, retriever, index, exact, passages, questions, timings):
+    """Stages 5-6 with a pre-trained chat decoder answering from its prompt (no tokenizer
+    fitting, no generator data, no training) -> results.json's sections, plus
+    "generator": {"spec", "zero_shot": true}."""
+    rc = config.rag
+    with timed(timings, "generator_load_s"):
+        rag = rag_lib.Rag(retriever, chat_generator(config))
+    atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    test_q = questions["test"]
+    with timed(timings, "embed_questions_s"):
+        test_vectors = retriever.embed([q.question for q in test_q])
+    new_info = new_information(rag, retriever, index, passages, test_q, rc)
+    retrieval, hits = evaluate_retrieval(index, exact, test_vectors, test_q, rc.k, timings)
+    scores, samples = evaluate_answers(rag, test_q, hits, rc, timings)
+    results = {
+        "knowledge_base": {"passages": len(passages),
+                           "questions": {s: len(q) for s, q in questions.items()},
+                           "questions_too_long_dropped": {s: 0 for s in questions}},
+        "retrieval": retrieval, **scores, "new_information": new_info,
+        "generator": {"spec": rc.generator, "zero_shot": True,
+                      "max_new_tokens": rc.generator_max_new_tokens,
+                      "strategy": "greedy"},
         "timings": timings, "samples": samples,
     }
     return write_results(workdir, results)

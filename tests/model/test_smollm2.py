@@ -112,3 +112,42 @@ def test_generate_command_answers_in_json(tmp_path):
         text=True, timeout=600)
     assert too_long.returncode != 0 and "exceeds the model's context of 256" in \
         too_long.stderr
+
+
+@pytest.mark.slow
+def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
+    """LoRA on SmolLM2 through the one trainer builder and the loop's init_from: one
+    RAFT-style step (answer tokens only in the loss) moves the LoRA factors and nothing
+    else."""
+    from train.init_from import init_params_from
+    from train.param_rules import param_paths
+    from train.tasks import prefix_lm_examples
+    from train.trainer import build_trainer
+
+    config = decoder.get_config("runlocal,method=lora,lora_targets=query|value|gate")
+    rows = jax.device_count()  # One row per (fake) device: the mesh splits the batch.
+    config.data.seq_len = 64
+    config.data.batch_size = config.data.eval_batch_size = rows
+    tok = GGUFBPETokenizer(gguf.resolve_path("gguf:smollm2"))
+    batch = prefix_lm_examples.EncodePrefixLM(tok, 64, 8).map([
+        {"question": "What is a poodle a kind of?", "passages": ["A kind of: dog."],
+         "answer": "dog"},
+        {"question": "What is a trout a kind of?", "passages": [], "answer": "fish"}]
+        * (rows // 2) + [{"question": "Name a color.", "passages": [], "answer": "red"}]
+        * (rows % 2))
+    trainer = build_trainer(config)
+    state = trainer.init_state()
+    params, report = init_params_from(config.init_from, state.params)
+    assert not report["shape_mismatch"] and len(report["loaded"]) == 272  # The file's all.
+    assert all("/lora_" in name for name in report["initialised"])
+    state = state.replace(params=params, opt_state=trainer.init_opt_state(params))
+    before = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
+    with trainer.context():
+        state, metrics = trainer.train_step(state, trainer.global_batch(batch))
+    loss = float(metrics["loss"])
+    # Finite; high, since [CLS] q [SEP] passage [SEP] answer is not SmolLM2's chat format.
+    assert np.isfinite(loss) and loss > 0, loss
+    for path, old, new in zip(param_paths(state.params), before,
+                              jax.tree_util.tree_leaves(state.params)):
+        changed = not np.array_equal(old, np.asarray(new))
+        assert changed == ("/lora_" in path), path
