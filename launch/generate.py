@@ -14,7 +14,6 @@ token's log-probability under the model, and the text.
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -58,25 +57,6 @@ def load_decoder(spec, max_len=None):
     return model, params, tokenizers.get_tokenizer(data)
 
 
-def token_log_probs(model, params, sequences):
-    """log p(token | everything before it) of each token after the first, per sequence
-    (a teacher-forced forward over prompt + generated tokens)."""
-    length = max(len(s) for s in sequences)
-    tokens = np.zeros((len(sequences), length), np.int32)
-    segments = np.zeros_like(tokens)
-    for i, s in enumerate(sequences):
-        tokens[i, :len(s)], segments[i, :len(s)] = s, 1
-    out = np.asarray(_score(model, params, tokens, segments))
-    return [out[i, :len(s) - 1] for i, s in enumerate(sequences)]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _score(model, params, tokens, segment_ids):
-    logits = model.apply({"params": params}, tokens, segment_ids=segment_ids)["lm"]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return jnp.take_along_axis(log_probs[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-
-
 def generate(model, params, tok, prompts, *, chat=False, strategy="greedy",
              max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0, beam_size=4, seed=0):
     """-> [{"prompt", "token_ids", "log_probs", "text"}] per prompt."""
@@ -108,7 +88,8 @@ def generate(model, params, tok, prompts, *, chat=False, strategy="greedy",
         if eos in ids:
             ids = ids[:ids.index(eos) + 1]
         generated.append(ids)
-    scores = token_log_probs(model, params, [list(p) + g for p, g in zip(encoded, generated)])
+    scores = decoding.token_log_probs(
+        model, params, [list(p) + g for p, g in zip(encoded, generated)])
     for prompt, ids, prompt_ids, score in zip(prompts, generated, encoded, scores):
         text_ids = [t for t in ids if t != eos]
         outputs.append({"prompt": prompt, "token_ids": ids,

@@ -437,3 +437,25 @@ def generate_without_cache(model, params, prompts, prompt_lengths, config, rng=N
         return full_forward(buffer, step), buffer
 
     return _token_loop(full_forward(buffer, 0), step_logits, buffer, config, rng)
+
+
+def token_log_probs(model, params, sequences, bucket=64):
+    """log p(token | the tokens before it) of every token after the first, per sequence
+    (lists of ids): one teacher-forced forward, batched, padded to a multiple of `bucket`
+    so that few lengths compile. -> [np.ndarray [len(s) - 1]]."""
+    import numpy as np
+
+    length = -(-max(len(s) for s in sequences) // bucket) * bucket
+    tokens = np.zeros((len(sequences), length), np.int32)
+    segments = np.zeros_like(tokens)
+    for i, s in enumerate(sequences):
+        tokens[i, :len(s)], segments[i, :len(s)] = s, 1
+    out = np.asarray(_score(model, params, tokens, segments))
+    return [out[i, :len(s) - 1] for i, s in enumerate(sequences)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(model, params, tokens, segment_ids):
+    logits = model.apply({"params": params}, tokens, segment_ids=segment_ids)["lm"]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return jnp.take_along_axis(log_probs[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]

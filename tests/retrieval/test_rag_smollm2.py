@@ -2,8 +2,11 @@
 retrieved passages numbered in a ChatML prompt. Over a small WordNet KB retrieval lifts
 the real model's answers well above closed-book, and upserted passages are used at once.
 
-Margins measured on this CPU (kb_size=400: 37 held-out hypernym questions, k=2,
-16 new tokens): see the asserts; each is about half of what was seen."""
+Measured on this CPU (kb_size=400: 37 held-out hypernym questions, k=2, 16 new tokens,
+greedy; about 3 minutes): gold contained closed-book 0.11, RAG 0.51, oracle 0.54; token F1
+0.066 -> 0.173 (EM 0: the model answers in sentences, "A splashdown is a kind of a
+landing."); new facts (12 questions) gold contained 0.08 before the upsert, 0.42 after.
+The asserted margins are about half of those."""
 
 import json
 import os
@@ -45,9 +48,10 @@ def test_zero_shot_smollm2_rag_beats_closed_book_and_uses_new_facts(tmp_path,
     config = rag_config.get_config("runlocal,gen=smollm2")
     assert config.rag.generator == "gguf:smollm2"
     config.data.wordnet_dir = str(wordnet_files_dir)
+    # "retrieved" distractors: only the KB's passages are read for the (unused) training split.
     config.rag.update(kb_size=400, max_eval_questions=40, new_info_passages=12,
-                      max_train_questions=100, generator_max_new_tokens=16,
-                      generator_max_len=256, encode_batch_size=64, decode_batch_size=20)
+                      max_train_questions=100, train_distractors="retrieved",
+                      generator_max_new_tokens=16, generator_max_len=256, encode_batch_size=64, decode_batch_size=20)
     workdir = str(tmp_path / "rag_smollm2")
     start = time.perf_counter()
     results = rag_run.run(config, workdir)
@@ -65,9 +69,9 @@ def test_zero_shot_smollm2_rag_beats_closed_book_and_uses_new_facts(tmp_path,
     closed, rag, oracle = (results[m] for m in ("closed_book", "rag_exact", "oracle"))
     assert closed["count"] == rag["count"] > 20
     assert rag["gold_contained"] - closed["gold_contained"] > 0.2, results
-    assert rag["f1"] - closed["f1"] > 0.1, results
+    assert rag["f1"] - closed["f1"] > 0.05, results
     assert oracle["gold_contained"] >= rag["gold_contained"] - 0.1
     new = results["new_information"]  # No weight update between before and after.
     assert new["questions"] > 0
     assert new["after"]["gold_passage_cited"] > new["before"]["gold_passage_cited"]
-    assert new["after"]["gold_contained"] > new["before"]["gold_contained"], new
+    assert new["after"]["gold_contained"] - new["before"]["gold_contained"] > 0.15, new
