@@ -51,7 +51,8 @@ def test_zero_shot_smollm2_rag_beats_closed_book_and_uses_new_facts(tmp_path,
     # "retrieved" distractors: only the KB's passages are read for the (unused) training split.
     config.rag.update(kb_size=400, max_eval_questions=40, new_info_passages=12,
                       max_train_questions=100, train_distractors="retrieved",
-                      generator_max_new_tokens=16, generator_max_len=256, encode_batch_size=64, decode_batch_size=20)
+                      generator_max_new_tokens=16, generator_max_len=256,
+                      encode_batch_size=64, decode_batch_size=20)
     workdir = str(tmp_path / "rag_smollm2")
     start = time.perf_counter()
     results = rag_run.run(config, workdir)

@@ -51,7 +51,7 @@ def test_constrained_choice_scores_each_label_continuation():
     from train.data.tokenizer import GGUFBPETokenizer
 
     tok = GGUFBPETokenizer(gguf.resolve_path("gguf:smollm2"))
-    cfg = resolve(model_config("tiny", vocab_size=tok.vocab_size, max_len=512, heads=("lm",),
+    cfg = resolve(model_config("tiny", vocab_size=tok.vocab_size, max_len=128, heads=("lm",),
                                norm="pre", norm_type="rmsnorm", mlp_activation="swiglu",
                                num_kv_heads=2, use_bias=False, position_embedding="rope",
                                attention_mask="causal", dropout=0.0, attention_dropout=0.0,
@@ -59,7 +59,7 @@ def test_constrained_choice_scores_each_label_continuation():
     model = Model(cfg)
     params = nn.unbox(model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
     demos = [in_context.Example("a domestic animal", "noun")]
-    queries = [in_context.Example("move fast", "verb"), in_context.Example("very", "adverb")]
+    queries = [in_context.Example("move fast", "verb")]
     prompts = [tok.encode(tok.apply_chat_template(in_context.chat_messages(demos, q)))
                for q in queries]
     got = in_context.choose(model, params, tok, prompts)
