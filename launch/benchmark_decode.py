@@ -253,11 +253,21 @@ def benchmark_smollm2(args):
               flush=True)
     else:
         print(json.dumps({"implementation": "hf", **hf.info}), flush=True)
-    decoders = [d for d in (strata, hf) if d is not None]
+    summaries = race([d for d in (strata, hf) if d is not None], strata.tokenizer, args)
+    print_table(summaries, [d.name for d in (strata, hf) if d is not None],
+                args.split_prefill)
+    return 0
+
+
+def race(decoders, tokenizer, args):
+    """At each of `args.batch`: a warm-up call of each decoder, then `args.rounds` rounds
+    alternating them; one JSON line per call, one summary line per batch (returned).
+    A decoder is `decoder(prompts int [batch, P], new_tokens) -> int [batch, new_tokens]`
+    with a `name`; "strata" and "hf" are compared."""
     lengths = [args.new_tokens] + ([1] if args.split_prefill else [])
     summaries = []
     for batch in args.batch:
-        prompts = gloss_prompts(strata.tokenizer, batch, args.prompt_len)
+        prompts = gloss_prompts(tokenizer, batch, args.prompt_len)
         outputs = {}
         for decoder in decoders:  # Untimed warm-up (strata's compiles), once per shape.
             for n in lengths:
@@ -283,13 +293,19 @@ def benchmark_smollm2(args):
             summary[f"{decoder.name}_tokens_per_s"] = round(batch * args.new_tokens / wall, 1)
             summary[f"{decoder.name}_wall_s"] = round(wall, 3)
             if args.split_prefill:
-                prefill = statistics.median(walls[decoder.name, 1])
-                summary[f"{decoder.name}_prefill_s"] = round(prefill, 3)
-                summary[f"{decoder.name}_per_token_ms"] = round(
-                    1e3 * (wall - prefill) / max(args.new_tokens - 1, 1), 2)
-        if hf is not None:
+                # Per round (a full call and a prefill call back to back), then the median:
+                # medians of each taken apart may come from differently loaded rounds.
+                full, prefill = walls[decoder.name, args.new_tokens], walls[decoder.name, 1]
+                steps = [(f - p) / max(args.new_tokens - 1, 1) for f, p in zip(full, prefill)]
+                summary[f"{decoder.name}_prefill_s"] = round(statistics.median(prefill), 3)
+                summary[f"{decoder.name}_per_token_ms"] = round(1e3 * statistics.median(steps), 2)
+        if {d.name for d in decoders} == {"strata", "hf"}:
             summary["strata_over_hf"] = round(
                 summary["strata_tokens_per_s"] / summary["hf_tokens_per_s"], 3)
+            # Rounds are back to back: their own ratios cancel the machine's slow spells.
+            summary["strata_over_hf_per_round"] = [
+                round(h / s, 3) for s, h in zip(walls["strata", args.new_tokens],
+                                                walls["hf", args.new_tokens])]
             same = outputs["strata"] == outputs["hf"]
             summary["same_tokens_fraction"] = round(float(same.mean()), 4)
             # Per row: the first generated position where they differ (new_tokens: none).
@@ -297,8 +313,7 @@ def benchmark_smollm2(args):
             summary["first_difference"] = first.tolist()
         print(json.dumps(summary), flush=True)
         summaries.append(summary)
-    print_table(summaries, [d.name for d in decoders], args.split_prefill)
-    return 0
+    return summaries
 
 
 def print_table(summaries, names, split_prefill):
