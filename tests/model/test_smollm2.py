@@ -118,7 +118,7 @@ def test_generate_command_answers_in_json(tmp_path):
 def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
     """LoRA on SmolLM2 through the one trainer builder and the loop's init_from: one
     RAFT-style step (answer tokens only in the loss) moves the LoRA factors and nothing
-    else."""
+    else (the frozen weights bitwise)."""
     from train.init_from import init_params_from
     from train.param_rules import param_paths
     from train.tasks import prefix_lm_examples
@@ -127,6 +127,7 @@ def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
     config = decoder.get_config("runlocal,method=lora,lora_targets=query|value|gate")
     rows = jax.device_count()  # One row per (fake) device: the mesh splits the batch.
     config.data.seq_len = 64
+    config.optim.warmup_steps, config.optim.schedule = 0, "constant"  # lr > 0 at step 0.
     config.data.batch_size = config.data.eval_batch_size = rows
     tok = GGUFBPETokenizer(gguf.resolve_path("gguf:smollm2"))
     batch = prefix_lm_examples.EncodePrefixLM(tok, 64, 8).map([
@@ -147,7 +148,10 @@ def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
     loss = float(metrics["loss"])
     # Finite; high, since [CLS] q [SEP] passage [SEP] answer is not SmolLM2's chat format.
     assert np.isfinite(loss) and loss > 0, loss
-    for path, old, new in zip(param_paths(state.params), before,
-                              jax.tree_util.tree_leaves(state.params)):
-        changed = not np.array_equal(old, np.asarray(new))
-        assert changed == ("/lora_" in path), path
+    changed = [path for path, old, new in zip(param_paths(state.params), before,
+                                              jax.tree_util.tree_leaves(state.params))
+               if not np.array_equal(old, np.asarray(new))]
+    assert all("/lora_" in p for p in changed), changed  # Frozen weights: bitwise.
+    # B starts at zero, so step 1's gradient is B's (A's, x^T g B^T, is 0; A moves by
+    # weight decay only): every LoRA B of query, value and gate in all 30 blocks moved.
+    assert len([p for p in changed if p.endswith("/lora_b")]) == 30 * 3, changed
