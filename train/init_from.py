@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from model import gguf_llama, hf_bert
+from model.config import check_architecture
 from train.checkpoints import newest_verified_step_dir
 from train.param_rules import path_string
 
@@ -96,13 +97,8 @@ def check_hf_model_config(config):
     fields = hf_bert.model_fields(hf_bert.read_config(hf_bert.resolve_dir(init_from)))
     if config.model.head_dim in (-1, None):  # Derived as hidden // num_heads: as BERT.
         del fields["head_dim"]
-    wrong = {k: (config.model[k], v) for k, v in fields.items() if config.model[k] != v}
-    if wrong:
-        details = ", ".join(f"config.model.{k}={have!r} but the checkpoint has {want!r}"
-                            for k, (have, want) in wrong.items())
-        flags = " ".join(f"--config.model.{k}={want}" for k, (_, want) in wrong.items())
-        raise ValueError(f"config.init_from={init_from!r}: {details}. Use "
-                         f"configs/finetune.py:hf=<alias> or set {flags}")
+    check_architecture(config.model, fields, init_from, "the checkpoint",
+                       "configs/finetune.py:hf=<alias>")
 
 
 def init_params_from(path, params):
