@@ -160,6 +160,9 @@ def base_config():
             # task="retriever" (train/tasks/pairs.py): {question, passage, passage_id}.
             qa_dir="",
             max_answer_tokens=16,
+            # prefix_lm's prompt: "plain" ([CLS] question [SEP] passages [SEP]) or "chat"
+            # (the ChatML turns of train/tasks/chat_prompt.py; a chat decoder's tokenizer).
+            prompt_format="plain",
         )
     )
 
@@ -268,6 +271,11 @@ def base_config():
             generator="",
             generator_max_new_tokens=24,
             generator_max_len=1024,  # Its context: the longest prompt + answer decoded.
+            # A chat generator's answers: "greedy" or "sample" (temperature, top-p; seeded
+            # by config.seed).
+            generator_strategy="greedy",
+            generator_temperature=1.0,
+            generator_top_p=1.0,
         )
     )
 

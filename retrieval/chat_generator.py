@@ -13,7 +13,8 @@ The same interface as retrieval/rag.py's `Generator` (`generate(questions, passa
     <|im_start|>assistant
 
 Closed-book (no passages): the system message asks for a brief answer and the user turn
-holds the question alone. Decoding is greedy through the KV cache (model/decoding.py),
+holds the question alone. Decoding is greedy (or sampled: `strategy="sample"`) through
+the KV cache (model/decoding.py),
 batched `batch_size` questions at a time, prompts right-padded to a multiple of
 `PROMPT_BUCKET` tokens so a few compiled shapes serve every call; an answer stops at the
 end-of-turn token (`<|im_end|>`, the tokenizer's eos_id) and is cleaned: its first line,
@@ -34,25 +35,11 @@ from model.decoding import DecodeConfig, generate
 from model.transformer import Model, resolve
 from train.data import tokenizer as tokenizers
 from train.embedding import unflatten
+from train.tasks import chat_prompt
 
 PROMPT_BUCKET = 32  # Prompt widths are rounded up to a multiple: few compiled shapes.
 
-SYSTEM_WITH_PASSAGES = (
-    "Answer the question briefly, in a few words, using the numbered passages. "
-    "Reply with the answer only.")
-SYSTEM_CLOSED_BOOK = "Answer the question briefly, in a few words. Reply with the answer only."
-
 _CITATION_MARKERS = re.compile(r"\s*\[\d+\]")
-
-
-def chat_messages(question: str, passages) -> list[dict]:
-    """A question and its passages (best first; none: closed-book) -> ChatML messages."""
-    if not passages:
-        return [{"role": "system", "content": SYSTEM_CLOSED_BOOK},
-                {"role": "user", "content": question}]
-    numbered = "\n".join(f"[{i}] {text}" for i, text in enumerate(passages, start=1))
-    return [{"role": "system", "content": SYSTEM_WITH_PASSAGES},
-            {"role": "user", "content": f"{numbered}\n\nQuestion: {question}"}]
 
 
 def clean_answer(text: str) -> str:
@@ -65,10 +52,17 @@ class ChatGenerator:
     """A chat decoder answering questions from numbered passages in its prompt."""
 
     def __init__(self, model, params, tokenizer, max_new_tokens: int = 24,
-                 batch_size: int = 16, spec: str = ""):
+                 batch_size: int = 16, spec: str = "", strategy: str = "greedy",
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 demonstrations=()):
+        """strategy "sample": temperature / top-p sampling, batch b's draws from
+        fold_in(key(seed), b) (reproducible). demonstrations: (question, passages, answer)
+        exchanges shown before every question (k-shot prompting, no weight update)."""
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_new_tokens, self.batch_size, self.spec = max_new_tokens, batch_size, spec
-        self.decode_config = DecodeConfig(strategy="greedy", max_new_tokens=max_new_tokens,
+        self.seed, self.demonstrations = seed, tuple(demonstrations)
+        self.decode_config = DecodeConfig(strategy=strategy, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p,
                                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
     @classmethod
@@ -87,11 +81,29 @@ class ChatGenerator:
         tokenizer = tokenizers.GGUFBPETokenizer(path)
         return cls(model, params, tokenizer, spec=spec, **kwargs)
 
+    @classmethod
+    def from_workdir(cls, workdir: str, **kwargs) -> ChatGenerator:
+        """A chat decoder fine-tuned by the loop (RAFT on ChatML prompts, task "prefix_lm"
+        with data.prompt_format="chat"; its PEFT parameters too) -> its generator."""
+        import json
+        import os
+
+        import ml_collections
+
+        from train import model_setup
+        from train.init_from import load_params
+
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        flat, _ = load_params(workdir)
+        params = jax.tree.map(jnp.asarray, unflatten(flat))
+        return cls(model_setup.build_model(config), params,
+                   tokenizers.get_tokenizer(config.data), spec=workdir, **kwargs)
+
     def prompt_ids(self, question: str, passages) -> list[int]:
         """The ChatML prompt's token ids; a ValueError when it and the answer cannot fit
         the model's context (never truncated: a cut passage or question misleads)."""
-        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(
-            chat_messages(question, passages)))
+        ids = chat_prompt.prompt_ids(self.tokenizer, question, passages, self.demonstrations)
         limit = self.model.cfg.max_len
         if len(ids) + self.max_new_tokens > limit:
             raise ValueError(
@@ -118,7 +130,7 @@ class ChatGenerator:
             lengths = np.array([len(r) for r in rows], np.int32)
             new, _ = generate(self.model, self.params, jnp.asarray(tokens),
                               jnp.asarray(lengths), self.decode_config,
-                              rng=jax.random.key(0))
+                              rng=jax.random.fold_in(jax.random.key(self.seed), start))
             for row in np.asarray(new)[:real]:
                 ids = [int(t) for t in row]
                 out.append(ids[:ids.index(eos)] if eos in ids else ids)

@@ -152,6 +152,10 @@ def load_generator(gen_workdir):
 
     with open(os.path.join(gen_workdir, "config.json")) as f:
         gen = ml_collections.ConfigDict(json.load(f))
+    if gen.data.prompt_format == "chat":  # A chat decoder fine-tuned on ChatML prompts.
+        from retrieval.chat_generator import ChatGenerator
+
+        return ChatGenerator.from_workdir(gen_workdir, **chat_decoding(gen))
     flat, _ = load_params(gen_workdir)
     params = unflatten(flat)
     model = model_setup.build_model(gen)
@@ -241,6 +245,10 @@ def run(config, workdir):
     log.info("Knowledge base: %d passages; questions %s", len(passages),
              {s: len(q) for s, q in questions.items()})
     retriever, index = build_or_load_index(config, workdir, passages, timings)
+    if rc.k > len(index):  # Before the generator trains, not after.
+        raise ValueError(f"config.rag.k={rc.k} exceeds the {len(index)} passages of the "
+                         f"knowledge base's index; use a smaller k or a larger "
+                         f"config.rag.kb_size")
     exact = ExactIndex(index.vectors, index.ids)
     if rc.generator:  # A pre-trained chat decoder, zero-shot: nothing to fit or train.
         return _run_zero_shot(config, workdir, retriever, index, exact, passages, questions,
@@ -277,8 +285,15 @@ def chat_generator(config):
 
     rc = config.rag
     return ChatGenerator.from_spec(rc.generator, max_len=rc.generator_max_len,
-                                   max_new_tokens=rc.generator_max_new_tokens,
-                                   batch_size=rc.decode_batch_size)
+                                   **chat_decoding(config))
+
+
+def chat_decoding(config) -> dict:
+    """The chat generator's decoding arguments from config.rag (and config.seed)."""
+    rc = config.rag
+    return dict(max_new_tokens=rc.generator_max_new_tokens, batch_size=rc.decode_batch_size,
+                strategy=rc.generator_strategy, temperature=rc.generator_temperature,
+                top_p=rc.generator_top_p, seed=config.seed)
 
 
 def _run_zero_shot(config, workdir, retriever, index, exact, passages, questions, timings):
@@ -301,8 +316,8 @@ def _run_zero_shot(config, workdir, retriever, index, exact, passages, questions
                            "questions_too_long_dropped": {s: 0 for s in questions}},
         "retrieval": retrieval, **scores, "new_information": new_info,
         "generator": {"spec": rc.generator, "zero_shot": True,
-                      "max_new_tokens": rc.generator_max_new_tokens,
-                      "strategy": "greedy"},
+                      **{key: value for key, value in chat_decoding(config).items()
+                         if key != "batch_size"}},
         "timings": timings, "samples": samples,
     }
     return write_results(workdir, results)
@@ -369,10 +384,9 @@ def _questions_that_fit(data_cfg, questions):
     """Questions are never truncated: those that cannot fit the prompt are not asked.
     -> ({split: [Question] that fit}, {split: how many did not})."""
     tok = tokenizers.get_tokenizer(data_cfg)
-    budget = prefix_lm.prompt_budget(data_cfg.seq_len, data_cfg.max_answer_tokens)
     fitting, too_long = {}, {}
     for split, qs in questions.items():
-        lengths = [len(ids) + 2 for ids in tok.encode_batch([q.question for q in qs])]
+        lengths, budget = prefix_lm.question_lengths(tok, data_cfg, [q.question for q in qs])
         fitting[split] = [q for q, n in zip(qs, lengths) if n <= budget]
         too_long[split] = len(qs) - len(fitting[split])
     return fitting, too_long

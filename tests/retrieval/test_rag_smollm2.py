@@ -16,19 +16,80 @@ import pytest
 
 from retrieval import chat_generator
 from retrieval import rag as rag_lib
+from train.tasks import chat_prompt
 
 
 def test_chat_prompt_numbers_passages_and_closed_book_has_none():
-    messages = chat_generator.chat_messages("What is a poodle a kind of?",
+    messages = chat_prompt.chat_messages("What is a poodle a kind of?",
                                             ["poodle: a dog. A kind of: dog.", "cat: a cat."])
-    assert messages[0]["content"] == chat_generator.SYSTEM_WITH_PASSAGES
+    assert messages[0]["content"] == chat_prompt.SYSTEM_WITH_PASSAGES
     assert messages[1]["content"] == ("[1] poodle: a dog. A kind of: dog.\n[2] cat: a cat."
                                       "\n\nQuestion: What is a poodle a kind of?")
-    closed = chat_generator.chat_messages("What is a poodle a kind of?", [])
+    closed = chat_prompt.chat_messages("What is a poodle a kind of?", [])
     assert closed[1]["content"] == "What is a poodle a kind of?"
     assert "passages" not in closed[0]["content"]
     assert chat_generator.clean_answer("  Dog [1].\nMore text") == "Dog."
     assert chat_generator.clean_answer("\n\n") == ""
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from model import gguf
+    from train.data.tokenizer import GGUFBPETokenizer
+
+    return GGUFBPETokenizer(gguf.resolve_path("gguf:smollm2"))
+
+
+def test_chat_training_rows_are_the_prompts_asked_at_test_time(smol_tokenizer):
+    """RAFT on ChatML prompts (data.prompt_format="chat"): the prompt part of a training
+    row is token for token what ChatGenerator asks, and only the answer and its
+    end-of-turn token carry loss."""
+    from train.tasks import prefix_lm_examples
+
+    tok = smol_tokenizer
+    example = {"question": "What is a poodle a kind of?", "answer": "dog",
+               "passages": ["poodle: an intelligent dog with a curly coat. A kind of: dog.",
+                            "trout: a fish. A kind of: fish."]}
+    batch = prefix_lm_examples.EncodePrefixLM(tok, 128, 12, "chat").map([example])
+    weights = batch["target_weights"][0]
+    assert tok.decode(batch["targets"][0][weights > 0], skip_special=False) == "dog<|im_end|>"
+    prompt_len = int(batch["prefix_mask"][0].sum())
+    asked = tok.encode(tok.apply_chat_template(chat_prompt.chat_messages(
+        example["question"], example["passages"])))
+    assert list(batch["tokens"][0][:prompt_len]) == asked
+    assert tok.decode(asked, skip_special=False).endswith("<|im_start|>assistant\n")
+    assert weights[:prompt_len - 1].sum() == 0 and weights.sum() == 2  # "dog", <|im_end|>.
+
+
+def test_chat_rows_drop_whole_passages_and_never_cut_the_question(smol_tokenizer):
+    from train.tasks import prefix_lm_examples
+
+    tok = smol_tokenizer
+    long = "a word " * 40
+    example = {"question": "What is a poodle a kind of?", "answer": "dog",
+               "passages": ["poodle: a dog. A kind of: dog.", long]}
+    row, prompt_len, used = prefix_lm_examples.encode_chat_example(tok, example, 96, 8)
+    assert used == 1 and len(row) <= 96  # The long passage went whole; the first stayed.
+    assert "A kind of: dog." in tok.decode(row[:prompt_len]) and "a word" not in \
+        tok.decode(row)
+    with pytest.raises(ValueError, match="config.data.seq_len=24"):
+        prefix_lm_examples.encode_chat_example(tok, example, 24, 8)
+
+
+def test_rag_config_fine_tunes_the_chat_decoder_on_chat_prompts():
+    from configs import rag as rag_config
+    from train.tasks import registry
+
+    config = rag_config.get_config("runlocal,gen=smollm2,method=lora,lora_rank=4")
+    assert (config.rag.generator, config.init_from) == ("", "gguf:smollm2")
+    assert config.data.prompt_format == "chat" and config.data.tokenizer == "gguf"
+    assert config.model.lora_rank == 4 and config.model.num_kv_heads == 3
+    registry.get_task("prefix_lm").check(config)  # The generator's start-up checks pass.
+    config.data.tokenizer = "sentencepiece"
+    with pytest.raises(ValueError, match="config.data.prompt_format='chat' needs"):
+        registry.get_task("prefix_lm").check(config)
+    with pytest.raises(ValueError, match="name one with gen="):
+        rag_config.get_config("runlocal,method=lora")
 
 
 def test_gold_contained_is_case_insensitive_and_whole_words():
@@ -76,3 +137,21 @@ def test_zero_shot_smollm2_rag_beats_closed_book_and_uses_new_facts(tmp_path,
     assert new["questions"] > 0
     assert new["after"]["gold_passage_cited"] > new["before"]["gold_passage_cited"]
     assert new["after"]["gold_contained"] - new["before"]["gold_contained"] > 0.15, new
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("k", 5, "config.rag.k=5; expected 1 <= k"),
+    ("k", 0, "config.rag.k=0"),
+    ("generator_strategy", "beam", "config.rag.generator_strategy='beam'"),
+    ("generator_top_p", 0.0, "generator_top_p=0.0"),
+])
+def test_bad_rag_settings_fail_at_start_up_naming_the_key(field, value, message):
+    from configs import rag as rag_config
+    from train.tasks import registry
+
+    config = rag_config.get_config("runlocal,gen=smollm2")
+    config.rag.kb_size = 4
+    registry.get_task("rag").check(config)
+    config.rag[field] = value
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        registry.get_task("rag").check(config)

@@ -23,6 +23,14 @@ class PrefixLM(Task):
 
     def check(self, config):
         check_generator(config)
+        fmt = config.data.prompt_format
+        if fmt not in examples.PROMPT_FORMATS:
+            raise ValueError(f"config.data.prompt_format={fmt!r}; expected one of "
+                             f"{examples.PROMPT_FORMATS}")
+        if fmt == "chat" and config.data.tokenizer != "gguf":
+            raise ValueError(f"config.data.prompt_format='chat' needs a tokenizer with a chat "
+                             f"template (config.data.tokenizer='gguf', a chat decoder's "
+                             f"file); has {config.data.tokenizer!r}")
 
     def load_split(self, data_cfg, split):
         return examples.load_split(data_cfg, split)

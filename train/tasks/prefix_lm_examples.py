@@ -68,8 +68,46 @@ def pack_prompt(question_ids, passages_ids, budget: int, cls_id: int, sep_id: in
     return prompt, used
 
 
-def encode_example(tokenizer, example, seq_len: int, max_answer_tokens: int):
+def encode_chat_example(tokenizer, example, seq_len: int, max_answer_tokens: int):
+    """`data.prompt_format="chat"`: the ChatML prompt of train/tasks/chat_prompt.py (what
+    the chat decoder is asked at test time), the answer, the end-of-turn token.
+    -> (tokens list, prompt length, passages used). Passages that do not fit are dropped
+    whole, last first (a cut passage in a chat prompt misleads); the question never is."""
+    from train.tasks.chat_prompt import prompt_ids
+
+    answer = tokenizer.encode(example.get("answer", ""))[:max_answer_tokens]
+    passages = list(example.get("passages", ()))
+    while True:
+        prompt = prompt_ids(tokenizer, example["question"], passages)
+        if len(prompt) + max_answer_tokens + 1 <= seq_len:
+            return prompt + answer + [tokenizer.eos_id], len(prompt), len(passages)
+        if not passages:
+            raise ValueError(
+                f"The chat prompt of {example['question'][:40]!r} takes {len(prompt)} "
+                f"tokens without passages; with max_answer_tokens={max_answer_tokens} and "
+                f"the end-of-turn token it exceeds config.data.seq_len={seq_len}")
+        passages.pop()
+
+
+PROMPT_FORMATS = ("plain", "chat")
+
+
+def question_lengths(tokenizer, data_cfg, questions) -> tuple[list[int], int]:
+    """-> (each question's prompt tokens without passages, the most a prompt may take):
+    a question longer than that cannot be asked (questions are never truncated)."""
+    room = prompt_budget(data_cfg.seq_len, data_cfg.max_answer_tokens)
+    if data_cfg.prompt_format == "chat":
+        from train.tasks.chat_prompt import prompt_ids
+
+        return [len(prompt_ids(tokenizer, q, [])) for q in questions], room
+    return [len(ids) + 2 for ids in tokenizer.encode_batch(list(questions))], room
+
+
+def encode_example(tokenizer, example, seq_len: int, max_answer_tokens: int,
+                   prompt_format: str = "plain"):
     """-> (tokens list, prompt length, passages used) for one example (see module doc)."""
+    if prompt_format == "chat":
+        return encode_chat_example(tokenizer, example, seq_len, max_answer_tokens)
     question, *passages = tokenizer.encode_batch([example["question"],
                                                   *example.get("passages", ())])
     prompt, used = pack_prompt(question, passages, prompt_budget(seq_len, max_answer_tokens),
@@ -81,8 +119,10 @@ def encode_example(tokenizer, example, seq_len: int, max_answer_tokens: int):
 class EncodePrefixLM(grain.transforms.Map):
     """A list of examples -> one batch dict (the module docstring's format)."""
 
-    def __init__(self, tokenizer, seq_len: int, max_answer_tokens: int):
+    def __init__(self, tokenizer, seq_len: int, max_answer_tokens: int,
+                 prompt_format: str = "plain"):
         self._tok, self._len, self._answer = tokenizer, seq_len, max_answer_tokens
+        self._format = prompt_format
 
     def map(self, examples: list[dict]) -> dict[str, np.ndarray]:
         batch, length = len(examples), self._len
@@ -91,7 +131,8 @@ class EncodePrefixLM(grain.transforms.Map):
         target_weights = np.zeros((batch, length), np.float32)
         lengths = np.zeros((batch,), np.int32)
         for i, example in enumerate(examples):
-            row, prompt_len, _ = encode_example(self._tok, example, length, self._answer)
+            row, prompt_len, _ = encode_example(self._tok, example, length, self._answer,
+                                                self._format)
             tokens[i, :len(row)] = row
             lengths[i] = len(row)
             prefix_mask[i, :prompt_len] = True
@@ -143,8 +184,9 @@ def write_split(qa_dir: str, split: str, examples) -> str:
     return path
 
 
-def _max_answer_tokens(data_cfg) -> int:
-    return int(data_cfg.get("max_answer_tokens", 16))
+def _encoder(tokenizer, data_cfg) -> EncodePrefixLM:
+    return EncodePrefixLM(tokenizer, data_cfg.seq_len, int(data_cfg.max_answer_tokens),
+                          data_cfg.prompt_format)
 
 
 def make_train_iterator(source, tokenizer, data_cfg, *, seed: int,
@@ -154,7 +196,7 @@ def make_train_iterator(source, tokenizer, data_cfg, *, seed: int,
     batch = pipeline.per_process_batch(data_cfg.batch_size, n, "batch_size")
     ds = grain.MapDataset.source(source).shuffle(seed=pipeline._train_seed(seed, data_cfg))
     ds = ds.repeat()[p::n].batch(batch, drop_remainder=True, batch_fn=list)
-    ds = ds.map(EncodePrefixLM(tokenizer, data_cfg.seq_len, _max_answer_tokens(data_cfg)))
+    ds = ds.map(_encoder(tokenizer, data_cfg))
     return iter(ds.to_iter_dataset(pipeline._READ))
 
 
@@ -166,5 +208,5 @@ def make_eval_iterator(source, tokenizer, data_cfg, *, process_index=None,
     length = pipeline.num_eval_batches(len(source), data_cfg.eval_batch_size, n) * batch
     ds = grain.MapDataset.source(pipeline._PaddedShard(source, p, n, length))
     ds = ds.batch(batch, drop_remainder=True, batch_fn=list)
-    ds = ds.map(EncodePrefixLM(tokenizer, data_cfg.seq_len, _max_answer_tokens(data_cfg)))
+    ds = ds.map(_encoder(tokenizer, data_cfg))
     return iter(ds.to_iter_dataset(pipeline._READ))

@@ -11,9 +11,20 @@ class Rag(Task):
     loop_task = "prefix_lm"
 
     def check(self, config):  # The generator's own checks run too (loop_task).
-        if config.rag.reretrieve_every < 0:
-            raise ValueError(f"config.rag.reretrieve_every={config.rag.reretrieve_every}; "
+        rc = config.rag
+        if rc.reretrieve_every < 0:
+            raise ValueError(f"config.rag.reretrieve_every={rc.reretrieve_every}; "
                              f"expected >= 0 (0 = off)")
+        if rc.k < 1 or 0 < rc.kb_size < rc.k:
+            raise ValueError(f"config.rag.k={rc.k}; expected 1 <= k <= the knowledge base's "
+                             f"passages (config.rag.kb_size={rc.kb_size}; 0 = every synset)")
+        if rc.generator_strategy not in ("greedy", "sample"):
+            raise ValueError(f"config.rag.generator_strategy={rc.generator_strategy!r}; "
+                             f"expected 'greedy' or 'sample'")
+        if rc.generator_temperature < 0 or not 0 < rc.generator_top_p <= 1:
+            raise ValueError(f"config.rag.generator_temperature={rc.generator_temperature} / "
+                             f"generator_top_p={rc.generator_top_p}; expected temperature "
+                             f">= 0 and 0 < top_p <= 1")
 
 
 register(Rag())
