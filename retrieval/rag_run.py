@@ -273,7 +273,8 @@ def run(config, workdir):
                            "questions_too_long_dropped": too_long},
         "retrieval": retrieval, **scores, "new_information": new_info,
         "generator": {key: gen_results.get(key) for key in
-                      ("step", "train_time_s", "validation", "test", "parameters")},
+                      ("step", "train_time_s", "validation", "test", "parameters")}
+        | {"init_from": gen.init_from, "prompt_format": gen.data.prompt_format},
         "timings": timings, "samples": samples,
     }
     return write_results(workdir, results)

@@ -117,8 +117,8 @@ def test_generate_command_answers_in_json(tmp_path):
 @pytest.mark.slow
 def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
     """LoRA on SmolLM2 through the one trainer builder and the loop's init_from: one
-    RAFT-style step (answer tokens only in the loss) moves the LoRA factors and nothing
-    else (the frozen weights bitwise)."""
+    RAFT-style step on ChatML rows (answer tokens only in the loss) moves the LoRA factors
+    and nothing else (the frozen weights bitwise)."""
     from train.init_from import init_params_from
     from train.param_rules import param_paths
     from train.tasks import prefix_lm_examples
@@ -126,11 +126,11 @@ def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
 
     config = decoder.get_config("runlocal,method=lora,lora_targets=query|value|gate")
     rows = jax.device_count()  # One row per (fake) device: the mesh splits the batch.
-    config.data.seq_len = 64
+    config.data.seq_len = 96
     config.optim.warmup_steps, config.optim.schedule = 0, "constant"  # lr > 0 at step 0.
     config.data.batch_size = config.data.eval_batch_size = rows
     tok = GGUFBPETokenizer(gguf.resolve_path("gguf:smollm2"))
-    batch = prefix_lm_examples.EncodePrefixLM(tok, 64, 8).map([
+    batch = prefix_lm_examples.EncodePrefixLM(tok, 96, 8, "chat").map([
         {"question": "What is a poodle a kind of?", "passages": ["A kind of: dog."],
          "answer": "dog"},
         {"question": "What is a trout a kind of?", "passages": [], "answer": "fish"}]
@@ -146,8 +146,10 @@ def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
     with trainer.context():
         state, metrics = trainer.train_step(state, trainer.global_batch(batch))
     loss = float(metrics["loss"])
-    # Finite; high, since [CLS] q [SEP] passage [SEP] answer is not SmolLM2's chat format.
-    assert np.isfinite(loss) and loss > 0, loss
+    # The answer after SmolLM2's own ChatML prompt (RAFT's rows, data.prompt_format=chat)
+    # is far likelier than after a format it never saw: measured 8.2 nats (it would
+    # rather answer in a sentence), vs 14.7 for "[CLS] q [SEP] passage [SEP] answer".
+    assert 0 < loss < 11.5, loss
     changed = [path for path, old, new in zip(param_paths(state.params), before,
                                               jax.tree_util.tree_leaves(state.params))
                if not np.array_equal(old, np.asarray(new))]

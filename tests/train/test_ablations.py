@@ -24,7 +24,8 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
     parts, report = load_stages(tmp_path, f"scale={scale}")
     assert report == "stages"
     names = [p.name for p in parts]
-    assert names == ["pretrain", "scratch", "finetune", "methods", "minilm", "rag", "search"]
+    assert names == ["pretrain", "scratch", "finetune", "methods", "minilm", "rag",
+                     *(["rag_tuned"] if scale == "full" else []), "search"]
     pretrain_trial = sweeps.enumerate_trials(parts[0].spec)[0]
     pretrained = os.path.join(str(tmp_path), "pretrain", pretrain_trial.name)
     configs = {}
@@ -40,13 +41,15 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
         assert config.init_from == ("" if part == "scratch" else pretrained), part
         # Same model as the pre-trained one (its checkpoint must load).
         assert config.model.hidden == configs[("pretrain", pretrain_trial.name)].model.hidden
-    # The RAG generator starts from the MLM checkpoint: same architecture and vocabulary.
+    # RAG: SmolLM2 zero-shot; at full scale also fine-tuned RAFT style on its ChatML prompts.
     (rag,) = [c for k, c in configs.items() if k[0] == "rag"]
-    mlm = configs[("pretrain", pretrain_trial.name)]
-    assert rag.init_from == pretrained
-    for key in ("hidden", "num_layers", "max_len", "vocab_size", "norm", "mlp_dim"):
-        assert rag.model[key] == mlm.model[key], key
-    assert rag.data.seq_len <= mlm.model.max_len
+    assert rag.rag.generator == "gguf:smollm2" and rag.rag.question_kinds == ("hypernym",
+                                                                             "gloss")
+    for (part, _), config in configs.items():
+        if part == "rag_tuned":
+            assert (config.rag.generator, config.init_from) == ("", "gguf:smollm2")
+            assert config.data.prompt_format == "chat" and config.model.lora_rank > 0
+            assert config.rag.max_eval_questions == rag.rag.max_eval_questions
     # Equal budgets: every supervised run of the comparison has the same steps and batch.
     compared = [c for k, c in supervised.items() if k[0] != "search"]
     assert len({(c.train.num_steps, c.data.batch_size, c.data.seq_len) for c in compared}) == 1
@@ -92,10 +95,13 @@ class FakeTrainer:
             raise RuntimeError("boom")
         os.makedirs(workdir, exist_ok=True)
         if config.task == "rag":
-            results = {"closed_book": {"exact_match": 0.01, "f1": 0.05},
-                       "rag_index": {"exact_match": 0.2, "f1": 0.4},
+            results = {"closed_book": {"exact_match": 0.01, "f1": 0.05,
+                                       "gold_contained": 0.1},
+                       "rag_index": {"exact_match": 0.2, "f1": 0.4, "gold_contained": 0.5},
                        "rag_exact": {"exact_match": 0.2, "f1": 0.41},
-                       "oracle": {"exact_match": 0.3, "f1": 0.5},
+                       "oracle": {"exact_match": 0.3, "f1": 0.5, "gold_contained": 0.6},
+                       "generator": {"spec": config.rag.generator, "zero_shot": True,
+                                     "strategy": "greedy", "max_new_tokens": 24},
                        "retrieval": {"k": 2, "index/recall@1": 0.9},
                        "knowledge_base": {"passages": 1000},
                        "new_information": {"passages": 4, "questions": 4,
@@ -146,8 +152,9 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
     assert launch_sweep.run_ablation(STAGES, workdir, run_trial=again) == []
     assert again.ran == ["rag/seed=0"]
     report = open(os.path.join(workdir, "report.md")).read()
-    assert "| RAG, ScaNN index | 20.0% | 40.0% |" in report
-    assert "closed-book F1 5.0% → RAG 40.0%" in report
+    assert "| RAG, ScaNN index | 20.0% | 40.0% | 50.0% |" in report
+    assert "closed-book 10.0% → RAG 50.0% (oracle 60.0%); token F1 5.0% → 40.0%" in report
+    assert "`gguf:smollm2` zero-shot" in report
     # The search's best trial (highest validation accuracy = highest lr here) is bold.
     search = [t for p in parts if p.name == "search" for t in sweeps.enumerate_trials(p.spec)]
     best = max(search, key=lambda t: t.overrides["optim.lr"])
