@@ -55,11 +55,14 @@ SPLASH_BLOCKS = (512, 256, 128)  # Splash tiles q and kv; a tile is a multiple o
 
 def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_rate=0.0,
                           deterministic=True, dtype=jnp.float32, impl="xla",
-                          segment_ids=None, mask_mode="bidirectional", interpret=False):
+                          segment_ids=None, mask_mode="bidirectional", interpret=False,
+                          kv_heads_first=False):
     """Scaled dot-product attention; softmax in float32.
 
     query [batch, q_len, heads, head_dim], key/value [batch, k_len, heads, head_dim],
     mask bool [batch, 1, q_len, k_len]. Returns [batch, q_len, heads, head_dim].
+    `kv_heads_first=True`: key/value are [batch, heads, k_len, head_dim] (the KV cache's
+    layout), which the einsum ("xla") reads without a transpose; no kernel takes it.
 
     The kernels: "cudnn" takes `mask` as it is (as an additive bias); "splash" rebuilds
     it from `segment_ids` [batch, seq] (the ids `mask` was made from; None when the
@@ -71,6 +74,8 @@ def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_
     if impl not in ATTENTION_IMPLS:
         raise ValueError(
             f"config.model.attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+    if kv_heads_first and impl != "xla":
+        raise ValueError(f"kv_heads_first keys/values need impl='xla', got {impl!r}")
     use_dropout = not deterministic and dropout_rate > 0.0
     why_not = functools.partial(
         kernel_unsupported, query=query, key=key, segment_ids=segment_ids,
@@ -90,19 +95,23 @@ def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_
     if impl == "dot_product" and not use_dropout:
         # jax.nn's default implementation: its XLA path (dropout falls to the einsum).
         return jax.nn.dot_product_attention(query, key, value, mask=mask).astype(dtype)
-    depth, (batch, q_len, heads, _), kv_heads = query.shape[-1], query.shape, key.shape[2]
+    kv = "bhkd" if kv_heads_first else "bkhd"  # The keys' and values' einsum axes.
+    depth, (batch, q_len, heads, _) = query.shape[-1], query.shape
+    kv_heads = key.shape[kv.index("h")]
     query = query / jnp.sqrt(depth).astype(query.dtype)
     # Grouped-query attention: query head h reads key/value head h // (heads / kv_heads),
     # computed per group without copying the keys and values.
     query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, depth)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", query, key).astype(jnp.float32)
+    logits = jnp.einsum(f"bqhgd,{kv}->bhgqk", query, key).astype(jnp.float32)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
     if use_dropout:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = weights * keep / (1.0 - dropout_rate)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights.astype(dtype), value)
-    return out.reshape(batch, q_len, heads, depth)
+    # Heads-first out, then one transpose of the (small) result: XLA CPU otherwise runs
+    # this product with a transposed operand, 1.5x slower per decoding step.
+    out = jnp.einsum(f"bhgqk,{kv}->bhgqd", weights.astype(dtype), value)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, depth)
 
 
 def repeat_kv(x, heads):
@@ -256,10 +265,13 @@ def rotary(x, positions, base: float = 10_000.0):
 class MultiHeadAttention(nn.Module):
     """Self-attention over [batch, seq, embed]; `decode=True` uses a KV cache.
 
-    Cache variables live in the "cache" collection: keys/values [batch, max_len, heads,
-    head_dim] and the write index. The caller passes the mask for the whole cache
-    ([batch, 1, q_len, max_len]) when decoding. A caller may pass a shorter cache (the
-    slots it will write; model/decoding.py does): its length is whatever it is given.
+    Cache variables live in the "cache" collection: keys/values [batch, kv_heads, max_len,
+    head_dim] and the write index. Heads come before slots because that is the layout the
+    attention einsum reads: a step writes its one slot and reads the cache in place, where
+    [batch, max_len, heads, head_dim] cost a transpose of the whole cache per layer and
+    step. The caller passes the mask for the whole cache ([batch, 1, q_len, max_len]) when
+    decoding. A caller may pass a shorter cache (the slots it will write;
+    model/decoding.py does): its length is whatever it is given.
     """
 
     num_heads: int
@@ -311,23 +323,25 @@ class MultiHeadAttention(nn.Module):
             query = rotary(query, positions, self.rope_theta)
             key = rotary(key, positions, self.rope_theta)
 
-        if decode:
+        if decode:  # From here on keys/values are [batch, kv_heads, slots, head_dim].
             key, value = self._update_cache(key, value)
         if self.prefix_length:  # After the cache: the cache holds real tokens only.
-            key, value, mask = self._prepend_prefix(key, value, mask, prefix_kv)
+            key, value, mask = self._prepend_prefix(key, value, mask, prefix_kv,
+                                                    heads_first=decode)
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0:
             dropout_rng = self.make_rng("dropout")
         impl = self.impl
-        if decode and impl in ("cudnn", "splash", "auto"):
+        if decode:
             # KV-cache steps take one query against a cache-wide mask: nothing for a
-            # flash kernel to tile, and a mask splash cannot express. The einsum it is.
+            # flash kernel to tile, and a mask splash cannot express. The einsum it is,
+            # which also reads the heads-first cache without transposing it.
             impl = "xla"
         out = dot_product_attention(
             query, key, value, mask, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
             deterministic=deterministic, dtype=self.dtype, impl=impl,
-            segment_ids=segment_ids, mask_mode=self.mask_mode,
+            segment_ids=segment_ids, mask_mode=self.mask_mode, kv_heads_first=decode,
         )
         out = nn.with_logical_constraint(out, axes)
         return Linear((embed,), ("heads", "kv", "embed"), in_ndim=2, init=self.init,
@@ -358,10 +372,11 @@ class MultiHeadAttention(nn.Module):
         return self.param(name, initializers.ones(("heads", "kv")),
                           (self.kv_heads, self.head_dim), self.param_dtype)
 
-    def _prepend_prefix(self, key, value, mask, prefix_kv=None):
+    def _prepend_prefix(self, key, value, mask, prefix_kv=None, heads_first=False):
         """Prefix tuning (Li & Liang 2021): p learned `prefix_key`, `prefix_value`
-        [p, heads, head_dim] before the keys/values [batch, k_len, ...], visible to every
-        query: mask [batch, 1, q_len, k_len] -> [batch, 1, q_len, p + k_len].
+        [p, heads, head_dim] before the keys/values [batch, k_len, heads, head_dim]
+        ([batch, heads, k_len, head_dim] if `heads_first`: the cache's layout), visible to
+        every query: mask [batch, 1, q_len, k_len] -> [batch, 1, q_len, p + k_len].
         """
         shape = (self.prefix_length, self.kv_heads, self.head_dim)
         init = initializers.embedding(self.init_std, (None, "heads", "kv"))
@@ -372,23 +387,29 @@ class MultiHeadAttention(nn.Module):
             else:
                 prefix = self.param(name, init, shape, self.param_dtype).astype(x.dtype)
             prefix = jnp.broadcast_to(prefix[None], (x.shape[0], *shape))
-            return jnp.concatenate([prefix, x], axis=1)
+            if heads_first:
+                prefix = prefix.swapaxes(1, 2)
+            return jnp.concatenate([prefix, x], axis=2 if heads_first else 1)
 
         visible = jnp.ones((*mask.shape[:-1], self.prefix_length), mask.dtype)
         return (prepend("prefix_key", key), prepend("prefix_value", value),
                 jnp.concatenate([visible, mask], axis=-1))
 
     def _update_cache(self, key, value):
+        """Writes key/value [batch, seq, kv_heads, head_dim] at the cache's index; returns
+        the cache's keys/values [batch, kv_heads, slots, head_dim] (the new ones alone in
+        the init pass, which only creates the cache)."""
+        key, value = key.swapaxes(1, 2), value.swapaxes(1, 2)
         batch = key.shape[0]
-        shape = (batch, self.max_len, self.kv_heads, self.head_dim)
+        shape = (batch, self.kv_heads, self.max_len, self.head_dim)
         initialised = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
         index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
         if not initialised:  # The init pass only creates the cache.
             return key, value
-        start = (0, index.value, 0, 0)
+        start = (0, 0, index.value, 0)
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
-        index.value = index.value + key.shape[1]
+        index.value = index.value + key.shape[2]
         return cached_key.value, cached_value.value

@@ -157,7 +157,7 @@ def _last_logits(module, tokens, *, positions, attention_mask=None, segment_ids=
 
 
 def _empty_cache(model, batch, slots):
-    """The zeroed "cache" collection for `batch` rows: K/V [batch, slots, heads, dim]."""
+    """The zeroed "cache" collection for `batch` rows: K/V [batch, kv_heads, slots, dim]."""
     # An explicit mask: the init pass attends over the one token it is given, and the
     # "prefix" mode would otherwise ask for a prefix_mask.
     shapes = jax.eval_shape(
@@ -165,12 +165,13 @@ def _empty_cache(model, batch, slots):
         jnp.zeros((batch, 1), jnp.int32), attention_mask=jnp.ones((batch, 1, 1, 1), bool),
     )["cache"]
     return jax.tree.map(
-        lambda s: jnp.zeros((batch, slots, *s.shape[2:]) if s.ndim else s.shape, s.dtype),
+        lambda s: jnp.zeros((batch, s.shape[1], slots, s.shape[3]) if s.ndim else s.shape,
+                            s.dtype),
         shapes)
 
 
 def _cache_slots(cache):
-    return max(x.shape[1] for x in jax.tree.leaves(cache) if x.ndim)
+    return max(x.shape[2] for x in jax.tree.leaves(cache) if x.ndim)
 
 
 def _prefix_ends(length, prompt_lengths, prefix_lengths):
