@@ -211,6 +211,11 @@ def base_config():
             keep_checkpoints=3,
             best_metric="eval/accuracy",
             best_mode="max",
+            # Early stopping (train/loop.py EarlyStopping): stop once best_metric has not
+            # improved by more than min_delta for this many evaluations in a row; the
+            # final evaluation is then of the best checkpoint. 0: off (num_steps is the cap).
+            early_stopping_patience=0,
+            early_stopping_min_delta=0.0,
             class_weighted_loss=False,
             label_smoothing=0.0,
             # With init_from an MLM checkpoint: held-out MLM loss of the encoder before

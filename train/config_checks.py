@@ -7,6 +7,7 @@ from train import tasks
 from train.data import pipeline
 from train.data.augmentation import check_rates
 from train.data.sampling import SAMPLINGS
+from train.loop import check_early_stopping
 from train.optimizer import SCHEDULES
 from train.regularizers import TOWARD, check_strengths
 
@@ -79,6 +80,7 @@ def validate(config):
     for key in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
         if config.train[key] < 1:
             raise ValueError(f"config.train.{key}={config.train[key]} must be >= 1")
+    check_early_stopping(config.train)
     if config.model.hidden % config.model.num_heads and config.model.head_dim in (-1, None):
         raise ValueError(
             f"config.model.hidden={config.model.hidden} is not divisible by "

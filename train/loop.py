@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -24,7 +25,7 @@ from train import trainer as trainer_lib
 from train.data import tokenizer as tokenizers
 from train.forgetting import measure_forgetting
 from train.init_from import init_params_from
-from train.metrics_log import MetricsLog
+from train.metrics_log import MetricsLog, read_metrics
 from train.resume_check import check_resume
 from train.run_files import atomic_write_json, write_results
 from train.workdir_lock import WorkdirLock
@@ -137,6 +138,114 @@ class Preemption:
         return self.signalled or self.checkpoints.reached_preemption(step)
 
 
+def check_early_stopping(train_cfg):
+    """Start-up check of config.train.early_stopping_* (also run by config_checks)."""
+    patience, min_delta = train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta
+    if patience < 0:
+        raise ValueError(f"config.train.early_stopping_patience={patience} must be >= 0 "
+                         f"(0: train all config.train.num_steps)")
+    if min_delta < 0:
+        raise ValueError(f"config.train.early_stopping_min_delta={min_delta} must be >= 0")
+    if patience and not train_cfg.best_metric:
+        raise ValueError(f"config.train.early_stopping_patience={patience} watches "
+                         f"config.train.best_metric, which is empty; name an eval metric "
+                         f"(e.g. 'eval/accuracy') or set the patience to 0")
+    if patience and train_cfg.eval_every < 1:
+        raise ValueError(f"config.train.early_stopping_patience={patience} counts "
+                         f"evaluations, but config.train.eval_every={train_cfg.eval_every}; "
+                         f"set it to >= 1")
+    if patience and train_cfg.best_mode not in ("min", "max"):
+        raise ValueError(f"config.train.best_mode={train_cfg.best_mode!r}; early stopping "
+                         f"needs 'min' or 'max'")
+
+
+class EarlyStopping:
+    """config.train.early_stopping_patience = N > 0: training stops at the evaluation
+    after which config.train.best_metric has not improved (by more than
+    early_stopping_min_delta, in best_mode's direction) for N consecutive evaluations;
+    config.train.num_steps stays the cap. Only improving evaluations are saved to
+    `best/`, so its step is the rule's best step, and the final evaluation is of it.
+
+    The state is the run's own eval history, replayed from metrics.jsonl on a resume
+    (the rows up to the restored step), so a resumed run stops where an uninterrupted
+    one does. Process 0 holds it (it alone writes metrics.jsonl); its decisions are
+    broadcast, one value all processes act on (as Preemption's is one per step).
+    Patience 0: off, and every evaluation goes to orbax's best manager as before.
+    """
+
+    def __init__(self, train_cfg, history=()):
+        self.patience = train_cfg.early_stopping_patience
+        self.min_delta = train_cfg.early_stopping_min_delta
+        self.metric, self.mode = train_cfg.best_metric, train_cfg.best_mode
+        self.best_step = self.best_value = None
+        self.evaluations = self.since_best = 0
+        for step, value in history:
+            self._observe(step, value)
+
+    @classmethod
+    def resumed(cls, train_cfg, workdir, start_step):
+        """The state after the evaluations metrics.jsonl recorded up to `start_step`."""
+        history = []
+        if train_cfg.early_stopping_patience and jax.process_index() == 0:
+            metric = train_cfg.best_metric
+            history = [(row["step"], float(row[metric]))
+                       for row in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+                       if row["step"] <= start_step and metric in row]
+        return cls(train_cfg, history)
+
+    @property
+    def enabled(self):
+        return self.patience > 0
+
+    def _improves(self, value):
+        if not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        gain = value - self.best_value if self.mode == "max" else self.best_value - value
+        return gain > self.min_delta
+
+    def _observe(self, step, value):
+        self.evaluations += 1
+        if self._improves(value):
+            self.best_step, self.best_value, self.since_best = step, value, 0
+            return True
+        self.since_best += 1
+        return False
+
+    def _stop(self):
+        return self.enabled and self.since_best >= self.patience
+
+    def stopped(self):
+        """Whether the recorded history already says stop (a resume after the stop)."""
+        return _agreed(self._stop())
+
+    def observe(self, step, eval_metrics):
+        """-> (save this evaluation to best/, stop now), agreed by all processes."""
+        if not self.enabled:
+            return True, False
+        if self.metric not in eval_metrics:
+            raise KeyError(f"config.train.best_metric={self.metric!r} is not among the "
+                           f"eval metrics {sorted(eval_metrics)}")
+        improved = self._observe(step, float(eval_metrics[self.metric]))
+        code = _agreed(int(improved) | int(self._stop()) << 1)
+        return bool(code & 1), bool(code & 2)
+
+    def report(self, stopped_at, best_step):
+        """results.json's fields: the step it stopped at (None: it ran to the cap), the
+        evaluated best step, and how many evaluations the history holds."""
+        return {"stopped_early_at_step": stopped_at, "best_step": best_step,
+                "evaluations": self.evaluations}
+
+
+def _agreed(value):
+    """Process 0's int `value` on every process (one value all of them act on)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(
+        np.int32(value if jax.process_index() == 0 else 0)))
+
+
 @dataclasses.dataclass
 class Cadence:
     """Which steps log, evaluate and save (config.train)."""
@@ -214,6 +323,7 @@ def train_and_evaluate(config, workdir, allow_config_change=(), results_file=Tru
     write. `allow_config_change`: fields a restart may change beyond the safe ones
     (train/resume_check.py). `results_file=False`: a runner with phases after training
     writes results.json itself, once they are done (it marks the run finished)."""
+    check_early_stopping(config.train)
     with WorkdirLock(workdir):
         data = load_data(config)
         trainer = trainer_lib.build_trainer(config, train_source=data.train_source)
@@ -231,18 +341,23 @@ def train_and_evaluate(config, workdir, allow_config_change=(), results_file=Tru
 
 def train(config, workdir, data, trainer, results_file=True):
     """The loop: restore or init, steps, logs, evaluations, checkpoints; then the final
-    evaluation and results.json (the file that marks the run finished)."""
+    evaluation and results.json (the file that marks the run finished). With early
+    stopping, the loop may end before num_steps, and the final evaluation is of the
+    best checkpoint's parameters."""
     checkpoints = ckpt.Checkpoints(workdir, config.train)
     train_cfg, num_steps = config.train, config.train.num_steps
     cadence = Cadence(num_steps, train_cfg.log_every, train_cfg.eval_every,
                       train_cfg.checkpoint_every)
     state, step = restore_or_init(trainer, checkpoints, data, config, workdir)
+    early_stopping = EarlyStopping.resumed(train_cfg, workdir, step)
+    stopped = early_stopping.stopped()  # Resumed after the stop: nothing left to train.
+    stopped_at = step if stopped and step < num_steps else None
     metrics_log = MetricsLog(workdir, num_steps, step, train_cfg.progress)
-    throughput, compiled = Throughput(), None
+    throughput, compiled, best_step = Throughput(), None, None
     train_start = time.perf_counter()
     try:
         with Preemption(checkpoints) as preemption:
-            while step < num_steps:
+            while step < num_steps and not stopped:
                 local = next(data.train_iter)
                 batch = trainer.global_batch(local)
                 if compiled is None:  # Compiled ahead once: XLA's memory figure.
@@ -256,6 +371,7 @@ def train(config, workdir, data, trainer, results_file=True):
                 preempted = preemption.requested(step)  # The one decision this step.
                 _test_hook("after_decision", step)
                 is_eval, is_save = cadence.is_eval(step), cadence.is_save(step) or preempted
+                keep_best = False
                 if cadence.is_log(step) or is_eval or is_save:
                     record, nonfinite = throughput.record(trainer, metrics)
                     if nonfinite:
@@ -265,9 +381,13 @@ def train(config, workdir, data, trainer, results_file=True):
                             f"{checkpoints.latest_step()} in {workdir}. Lower "
                             f"config.optim.lr or check the data.")
                     if is_eval:
-                        record.update({f"eval/{k}": v for k, v in trainer.evaluate(
+                        eval_metrics = {f"eval/{k}": v for k, v in trainer.evaluate(
                             state.params, data.eval_batches(config.data.eval_split),
-                            train_cfg.eval_steps).items()})
+                            train_cfg.eval_steps).items()}
+                        record.update(eval_metrics)
+                        keep_best, stopped = early_stopping.observe(step, eval_metrics)
+                        stopped_at = step if stopped and step < num_steps else None
+                        is_save = is_save or stopped
                     _test_hook("after_eval", step)
                     metrics_log.write(step, record)
                     eta = (num_steps - step) / max(record["steps_per_s"], 1e-9)
@@ -279,13 +399,27 @@ def train(config, workdir, data, trainer, results_file=True):
                         checkpoints.save(step, state, data.train_iter.get_state(),
                                          force=True)
                         _test_hook("after_save", step)
-                    if is_eval:
-                        checkpoints.save_best(step, state, data.train_iter.get_state(), {
-                            k: v for k, v in record.items() if k.startswith("eval/")})
+                    if keep_best:
+                        checkpoints.save_best(step, state, data.train_iter.get_state(),
+                                              eval_metrics)
                 if preempted:
                     checkpoints.wait()
                     log.warning("Preempted at step %d: checkpoint saved, exiting.", step)
                     return {"preempted_at_step": step}
+        if stopped_at is not None:
+            log.info("Early stopping at step %d: %s has not improved by more than %g in "
+                     "%d evaluations; the final evaluation is of the best checkpoint.",
+                     stopped_at, train_cfg.best_metric, early_stopping.min_delta,
+                     early_stopping.patience)
+        if early_stopping.enabled:  # The final evaluation is of the best checkpoint.
+            checkpoints.wait()
+            state = None  # The last state's memory, freed before the best one is read.
+            best = checkpoints.restore_best(trainer.abstract_state())
+            if best is None:
+                raise RuntimeError(
+                    f"Early stopping found no checkpoint in {workdir}/best: no evaluation "
+                    f"of config.train.best_metric={train_cfg.best_metric!r} was finite")
+            best_step, state, _ = best
     finally:
         checkpoints.wait()
         checkpoints.close()
@@ -293,6 +427,8 @@ def train(config, workdir, data, trainer, results_file=True):
 
     results = final_results(trainer, data, state, config, step,
                             time.perf_counter() - train_start, compiled)
+    if early_stopping.enabled:
+        results.update(early_stopping.report(stopped_at, best_step))
     return write_results(workdir, results) if results_file else results
 
 

@@ -15,7 +15,7 @@ import json
 SAFE_TO_CHANGE = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_steps",
     "train.final_eval_steps", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.progress", "train.report_forgetting",
+    "train.progress", "train.report_forgetting", "train.early_stopping_*",
     "mesh.*", "logical_axis_rules", "distributed.*",
     "model.attention_impl", "model.remat",
     "data.data_dir", "data.worker_count", "data.eval_batch_size",

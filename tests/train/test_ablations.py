@@ -1,11 +1,16 @@
 """Ablations: parts declared, checked, run in order and resumed; the stages report's
 figures are the runs' own."""
 
+import collections
+import dataclasses
 import json
 import os
 import re
+import zlib
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from launch import sweep as launch_sweep
 from train.experiments import ablations, sweeps
@@ -81,6 +86,16 @@ def test_part_errors_name_the_part(tmp_path):
     assert parts[0].overrides == (f"init_from={tmp_path / 'w'}/a/seed=0", "optim.lr=0.5")
 
 
+def seed_effect(config):
+    """0 at seed 0; else what the seed does to every run (pairing removes it) plus a
+    per-run jitter below 2 points (what a paired test weighs the difference against)."""
+    if not config.seed:
+        return 0.0
+    run = f"{config.seed}:{config.get('init_from')}:{config.data.label_fraction}:" \
+          f"{config.optim.param_rules}"
+    return 0.03 * config.seed + 0.02 * (zlib.crc32(run.encode()) % 1000) / 1000
+
+
 class FakeTrainer:
     """Writes a results.json whose numbers follow from the trial's config, so the
     report's figures can be checked against them; records what it ran."""
@@ -108,7 +123,8 @@ class FakeTrainer:
                                            "before": {"f1": 0.1}, "after": {"f1": 0.3}}}
         else:
             pretrained = 0.1 if config.get("init_from") else 0.0
-            accuracy = 0.3 + 0.2 * config.data.label_fraction + pretrained
+            accuracy = (0.3 + 0.2 * config.data.label_fraction + pretrained
+                        + seed_effect(config))
             if config.task == "mlm":
                 accuracy = 0.15
             trainable = 1000 if config.optim.param_rules else 100_000
@@ -135,10 +151,11 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
     assert trainer.ran == expected  # Declaration order, every trial once.
 
     report = open(os.path.join(workdir, "report.md")).read()
-    # Data requirement: 1% of labels -> 0.302 scratch, 0.402 pre-trained: +10.0 points.
+    # Data requirement: 1% of labels -> 0.302 scratch, 0.402 pre-trained: +10.0 points,
+    # which one seed cannot test.
     # Epochs: 150 steps x batch 32 / 10 examples = 480 (config.json the trainer wrote).
     assert re.search(r"\| 1% \| 10 \| 480 \| 30\.2% \| 0\.151 \| 40\.2% \| 0\.201 \| "
-                     r"\+10\.0 \|", report), report
+                     r"\+10\.0, not significant \(1 seed: untested\) \|", report), report
     assert "| 100% | 1000 | 4.8 | 50.0% |" in report
     assert "Closed-book vs RAG\n\nNot run." in report  # The failed part, not a crash.
     assert "1,000 (1.00%)" in report  # Trainable share of a PEFT method.
@@ -159,3 +176,72 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
     search = [t for p in parts if p.name == "search" for t in sweeps.enumerate_trials(p.spec)]
     best = max(search, key=lambda t: t.overrides["optim.lr"])
     assert f"| **{best.name}** |" in report and f"`{best.name}`" in report
+
+
+def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_path,
+                                                                          monkeypatch):
+    """scale=full's three seeds through the data-requirement and methods parts (two of
+    the methods): each cell is mean ± sd [95% t-interval], each gain or difference from
+    full fine-tuning carries its paired t-test; both as scipy computes them here from the
+    runs' results.json."""
+    # The parts' own sweep tables and plots after every trial: not what this checks.
+    monkeypatch.setattr(launch_sweep.sweep_report, "write_report",
+                        lambda *a, **k: collections.defaultdict(str))
+    workdir = str(tmp_path / "stages")
+    parts, report = load_stages(workdir, "scale=full")
+    two_methods = {"arg.method": ["bitfit", "lora"]}
+    parts = [dataclasses.replace(p, spec=dataclasses.replace(p.spec, grid=two_methods))
+             if p.name == "methods" else p
+             for p in parts if p.name in ("scratch", "finetune", "methods")]
+    assert launch_sweep.run_ablation(STAGES, workdir, run_trial=FakeTrainer(),
+                                     ablation=(parts, report)) == []
+    text = open(os.path.join(workdir, "report.md")).read()
+
+    def accuracy(part, key):
+        """{override value: {seed: test accuracy}} of one part."""
+        (spec,) = [p.spec for p in parts if p.name == part]
+        by_value = {}
+        for trial in sweeps.enumerate_trials(spec):
+            path = os.path.join(workdir, part, trial.name, "results.json")
+            by_value.setdefault(trial.overrides[key], {})[trial.seed] = json.load(
+                open(path))["test"]["accuracy"]
+        return by_value
+
+    def cell(by_seed):
+        values = list(by_seed.values())
+        mean, sd = np.mean(values), np.std(values, ddof=1)
+        low, high = stats.t.interval(0.95, len(values) - 1, loc=mean,
+                                     scale=stats.sem(values))
+        return f"{100 * mean:.1f}% ± {100 * sd:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+    def compared(a, b):
+        seeds = sorted(a)
+        assert seeds == sorted(b) == [0, 1, 2]
+        differences = [b[s] - a[s] for s in seeds]
+        mean = np.mean(differences)
+        low, high = stats.t.interval(0.95, 2, loc=mean, scale=stats.sem(differences))
+        p = stats.ttest_rel([b[s] for s in seeds], [a[s] for s in seeds]).pvalue
+        p_text = "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+        return (f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], "
+                + (p_text if p < 0.05 else f"not significant ({p_text})"))
+
+    def row(first_cell):
+        (line,) = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+        return line
+
+    scratch = accuracy("scratch", "data.label_fraction")
+    tuned = accuracy("finetune", "data.label_fraction")
+    for fraction in (0.01, 0.1, 1.0):
+        line = row(f"{100 * fraction:g}%")
+        for expected in (cell(scratch[fraction]), cell(tuned[fraction]),
+                         compared(scratch[fraction], tuned[fraction])):
+            assert f"| {expected} |" in line, (expected, line)
+    methods = accuracy("methods", "arg.method")
+    for method, by_seed in methods.items():
+        assert row(method).startswith(f"| {method} | {cell(by_seed)} | ")
+        assert f"| {compared(tuned[1.0], by_seed)} |" in row(method)
+    assert row("full").startswith(f"| full | {cell(tuned[1.0])} | ")
+    # This fake's pre-training gains are significant, its methods' differences not.
+    assert text.count(", p = ") + text.count(", p < 0.001") == 3
+    assert text.count(", not significant (p = ") == 2
+    assert "3 seeds: a cell is mean ± sd [95% Student-t interval" in text

@@ -5,6 +5,12 @@ figures, with its plots beside it.
 Reads only what the runs wrote (each trial's results.json, metrics.jsonl, run.json and
 the parts' wall times in ablation.json), so `--mode=collect` can redraw it any time. A
 missing part or trial shows as "not run" instead of failing the report.
+
+Over several seeds a table cell is mean ± sd [95% Student-t interval of the mean], and
+each comparison the report states (pre-training's gain at each label fraction, each
+method against full fine-tuning) is paired by seed and carries a two-sided paired
+t-test (train/experiments/statistics.py); one with p ≥ 0.05 is written "not
+significant (p = ...)", as is one with too few seeds to test, instead of a ranking.
 """
 
 import datetime
@@ -13,7 +19,7 @@ import os
 
 import numpy as np
 
-from train.experiments import ablations, sweep_report
+from train.experiments import ablations, statistics, sweep_report
 from train.metrics_log import read_metrics
 from train.run_record import read_results
 
@@ -72,19 +78,64 @@ def _value(results, path, default=None):
     return node
 
 
-def _grouped(runs, part, key):
-    """{override value: [results, ...]} over seeds, in the sweep's order."""
+def _seeded(runs, part, key):
+    """{override value: {seed: results}}, in the sweep's order: the runs a paired
+    comparison matches by seed."""
     groups = {}
     for trial, results, _ in _finished(runs, part):
-        groups.setdefault(trial["overrides"].get(key), []).append(results)
+        groups.setdefault(trial["overrides"].get(key), {})[trial.get("seed")] = results
     return groups
 
 
+def _grouped(runs, part, key):
+    """{override value: [results, ...]} over seeds, in the sweep's order."""
+    return {k: list(v.values()) for k, v in _seeded(runs, part, key).items()}
+
+
 def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
+    summary = statistics.mean_sd_interval(values)
+    if summary is None:
         return None, None
-    return sweep_report.mean_std(values)
+    return summary.mean, summary.sd or 0.0
+
+
+def _cell(values, seeds, percent=True):
+    """A table cell over seeds: '45.2% ± 1.3 [41.9, 48.5]' (mean ± sd [95% t-interval]);
+    the bare mean when the table has one seed; 'not run'."""
+    summary = statistics.mean_sd_interval(values)
+    if summary is None:
+        return "not run" if percent else "–"
+    if percent:
+        return statistics.format_summary(summary, 100, 1, "%", n_expected=seeds)
+    return statistics.format_summary(summary, 1, 3, n_expected=seeds)
+
+
+def _seeds(groups):
+    """The most seeds any cell of a table has: what its caption states."""
+    return max((len(g) for g in groups if g), default=1)
+
+
+def _seeds_note(seeds):
+    if seeds == 1:
+        return ("One seed: no spread, interval or test is possible, so no difference "
+                "below is a finding.")
+    return (f"{seeds} seeds: a cell is mean ± sd [95% {statistics.INTERVAL}]; a cell "
+            f"with fewer seeds says how many.")
+
+
+def _comparison(baseline, other, metric="test/accuracy"):
+    """'+3.1 [0.5, 5.7], p = 0.012': other - baseline in points, paired by seed (mean
+    [95% t-interval]), with its two-sided paired t-test; 'not significant (...)' when
+    p >= 0.05 or untestable; '–' without a pair."""
+    seeds = [s for s in baseline if s in other]
+    test = statistics.paired_test([_value(baseline[s], metric) for s in seeds],
+                                  [_value(other[s], metric) for s in seeds])
+    if test.mean_difference is None:
+        return "–"
+    text = f"{100 * test.mean_difference:+.1f}"
+    if test.low is not None:
+        text += f" [{100 * test.low:+.1f}, {100 * test.high:+.1f}]"
+    return f"{text}, {statistics.format_test(test)}"
 
 
 def _pct(values, digits=1):
@@ -144,14 +195,14 @@ def _header(workdir, runs, record):
 
 
 def _label_rows(runs):
-    """[(fraction, examples, scratch results, fine-tuned results)]."""
-    scratch = _grouped(runs, "scratch", "data.label_fraction")
-    tuned = _grouped(runs, "finetune", "data.label_fraction")
+    """[(fraction, examples, scratch results, fine-tuned results)], results {seed: ...}."""
+    scratch = _seeded(runs, "scratch", "data.label_fraction")
+    tuned = _seeded(runs, "finetune", "data.label_fraction")
     rows = []
     for fraction in sorted(set(scratch) | set(tuned), key=float):
-        any_run = (scratch.get(fraction) or tuned.get(fraction))[0]
+        any_run = next(iter((scratch.get(fraction) or tuned.get(fraction)).values()))
         rows.append((float(fraction), _value(any_run, "data/train_examples"),
-                     scratch.get(fraction, []), tuned.get(fraction, [])))
+                     scratch.get(fraction, {}), tuned.get(fraction, {})))
     return rows
 
 
@@ -176,15 +227,18 @@ def _data_requirement(workdir, runs):
     if not rows:
         return "## 1. Data requirement\n\nNot run."
     epochs = _epochs(runs, "scratch", 1) or _epochs(runs, "finetune", 1)  # Examples seen.
+    seeds = _seeds(g for row in rows for g in row[2:])
+
+    def cells(results):
+        results = list(results.values())
+        return (_cell([_value(r, "test/accuracy") for r in results], seeds),
+                _cell([_value(r, "test/macro_f1") for r in results], seeds, percent=False))
+
     table = _table(
         ["labels", "examples", "epochs", "scratch: test acc", "macro-F1",
-         "pre-trained: test acc", "macro-F1", "gain (acc points)"],
+         "pre-trained: test acc", "macro-F1", "gain (acc points), paired t-test"],
         [(f"{100 * f:g}%", n or "–", _format_epochs(epochs / n) if epochs and n else "–",
-          _pct([_value(r, "test/accuracy") for r in s]),
-          _num([_value(r, "test/macro_f1") for r in s]),
-          _pct([_value(r, "test/accuracy") for r in t]),
-          _num([_value(r, "test/macro_f1") for r in t]),
-          _gain(s, t)) for f, n, s, t in rows])
+          *cells(s), *cells(t), _comparison(s, t)) for f, n, s, t in rows])
     plot = _plot_data_requirement(os.path.join(workdir, "data_requirement.png"), rows)
     return "\n".join([
         "## 1. Data requirement: from scratch vs pre-train then fine-tune",
@@ -193,7 +247,9 @@ def _data_requirement(workdir, runs):
         "the MLM checkpoint of part `pretrain`). Supersense classification, 45 classes. "
         "Epochs = examples seen (steps × batch) / labelled examples: where it is below 1, "
         "more labels cannot help at this budget and differences between those rows are "
-        "noise of one short run.",
+        "noise of one short run. " + _seeds_note(seeds) + " Gain: pre-trained minus "
+        "scratch, paired by seed: mean [95% t-interval] and a two-sided paired t-test; "
+        "*not significant* (p ≥ 0.05, or too few seeds to test) claims no difference.",
         "",
         table,
         "",
@@ -201,24 +257,22 @@ def _data_requirement(workdir, runs):
     ])
 
 
-def _gain(scratch, tuned):
-    a = _mean_std([_value(r, "test/accuracy") for r in scratch])[0]
-    b = _mean_std([_value(r, "test/accuracy") for r in tuned])[0]
-    return "–" if a is None or b is None else f"{100 * (b - a):+.1f}"
-
-
 def _plot_data_requirement(path, rows):
     plt = sweep_report._pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for index, label in ((2, "from scratch"), (3, "MLM pre-trained, fine-tuned")):
-        points = [(row[0], *_mean_std([_value(r, "test/accuracy") for r in row[index]]))
-                  for row in rows]
-        points = [(f, m, s or 0.0) for f, m, s in points if m is not None]
+        points = [(row[0], statistics.mean_sd_interval(
+            [_value(r, "test/accuracy") for r in row[index].values()])) for row in rows]
+        points = [(f, s.mean, s.mean - (s.low if s.low is not None else s.mean),
+                   (s.high if s.high is not None else s.mean) - s.mean)
+                  for f, s in points if s is not None]
         if points:
-            f, m, s = map(np.array, zip(*points))
-            ax.errorbar(100 * f, 100 * m, yerr=100 * s, marker="o", capsize=3, label=label)
+            f, m, below, above = map(np.array, zip(*points))
+            ax.errorbar(100 * f, 100 * m, yerr=100 * np.stack([below, above]), marker="o",
+                        capsize=3, label=label)
     ax.set(xscale="log", xlabel="labelled training examples used (%)",
-           ylabel="test accuracy (%)", title="From scratch vs MLM pre-trained, by labels used")
+           ylabel="test accuracy (%, bars: 95% t-interval over seeds)",
+           title="From scratch vs MLM pre-trained, by labels used")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -227,26 +281,38 @@ def _plot_data_requirement(path, rows):
     return path
 
 
+def _full_finetuning(runs):
+    """{seed: results} of full fine-tuning: the `finetune` part's 100%-label runs."""
+    full = _seeded(runs, "finetune", "data.label_fraction")
+    return next((v for k, v in full.items() if float(k) == 1.0), {})
+
+
 def _method_rows(runs):
     """[(label, [results over seeds])]: full fine-tuning, every method, then MiniLM."""
+    return [(label, list(results.values())) for label, results, _ in _seeded_methods(runs)]
+
+
+def _seeded_methods(runs):
+    """[(label, {seed: results}, compared with full fine-tuning?)], the table's order."""
     rows = []
-    full = _grouped(runs, "finetune", "data.label_fraction")
-    full = next((v for k, v in full.items() if float(k) == 1.0), [])
+    full = _full_finetuning(runs)
     if full:
-        rows.append(("full", full))
-    for method, results in _grouped(runs, "methods", "arg.method").items():
-        rows.append((str(method), results))
-    for method, results in _grouped(runs, "minilm", "arg.method").items():
-        rows.append((f"all-MiniLM-L6-v2, {method}", results))
+        rows.append(("full", full, False))
+    for method, results in _seeded(runs, "methods", "arg.method").items():
+        rows.append((str(method), results, True))
+    for method, results in _seeded(runs, "minilm", "arg.method").items():
+        rows.append((f"all-MiniLM-L6-v2, {method}", results, False))  # Another model.
     return rows
 
 
 def _methods(workdir, runs):
-    rows = _method_rows(runs)
-    if not rows:
+    seeded = _seeded_methods(runs)
+    if not seeded:
         return "## 2. Fine-tuning methods\n\nNot run."
+    full, seeds = _full_finetuning(runs), _seeds(results for _, results, _ in seeded)
     table_rows = []
-    for label, results in rows:
+    for label, by_seed, compared in seeded:
+        results = list(by_seed.values())
         trainable = [_value(r, "parameters/trainable") for r in results]
         total = [_value(r, "parameters/total") for r in results]
         share = [t / n for t, n in zip(trainable, total) if t and n]
@@ -255,14 +321,15 @@ def _methods(workdir, runs):
         forgetting = ("–" if _mean_std(before)[0] is None else
                       f"{_num(before)} → {_num(after)}")
         table_rows.append((
-            label, _pct([_value(r, "test/accuracy") for r in results]),
-            _num([_value(r, "test/macro_f1") for r in results]),
+            label, _cell([_value(r, "test/accuracy") for r in results], seeds),
+            _cell([_value(r, "test/macro_f1") for r in results], seeds, percent=False),
+            _comparison(full, by_seed) if compared and full else "–",
             f"{int(np.mean(trainable)):,} ({_pct(share, 2)})" if trainable[0] else "–",
             _num([_value(r, "train_time_s") for r in results], 0) + " s",
             _num([(_value(r, "peak_memory/compiled_step_bytes") or 0) / _MB
                   for r in results], 1) + " MB",
             forgetting))
-    plot = _plot_methods(os.path.join(workdir, "methods.png"), rows)
+    plot = _plot_methods(os.path.join(workdir, "methods.png"), _method_rows(runs))
     return "\n".join([
         "## 2. Fine-tuning methods (100% of the labels)",
         "",
@@ -271,9 +338,13 @@ def _methods(workdir, runs):
         "memory is XLA's compiled train-step footprint per device (arguments, outputs and "
         "temporaries; the CPU backend reports no temporaries, so on CPU it is parameters, "
         "optimizer state and the batch). Forgetting: held-out MLM loss of the encoder (under the "
-        "pre-trained MLM head) before → after fine-tuning; MiniLM ships no MLM head.",
+        "pre-trained MLM head) before → after fine-tuning; MiniLM ships no MLM head. "
+        + _seeds_note(seeds) + " vs full: the method minus full fine-tuning in test "
+        "accuracy points, paired by seed: mean [95% t-interval] and a two-sided paired "
+        "t-test; where it reads *not significant* the two are not ranked.",
         "",
-        _table(["method", "test acc", "macro-F1", "trainable params (% of total)",
+        _table(["method", "test acc", "macro-F1", "vs full (acc points), paired t-test",
+                "trainable params (% of total)",
                 "train time", "step memory", "MLM loss before → after"], table_rows),
         "",
         f"![accuracy vs trainable parameters]({os.path.basename(plot)})" if plot else "",
@@ -454,7 +525,8 @@ def _summary(runs, record):
     methods = _method_rows(runs)
     rag = _finished(runs, "rag")
 
-    def acc(results):
+    def acc(results):  # Over seeds: [results] or {seed: results}.
+        results = results.values() if isinstance(results, dict) else results
         return _pct([_value(r, "test/accuracy") for r in results])
 
     data_scratch = (f"{acc(high[2])} test acc with {100 * high[0]:g}% of labels; "
