@@ -16,15 +16,27 @@ a sweep in `W/<part>/` as above, then writes `W/report.md`:
 
   python -m launch.sweep --config configs/ablations/stages.py --workdir runs/stages
 
-`W/sweep.json` (the trial list) is written before anything runs. Trials whose
-`W/<trial>/results.json` is complete are skipped, so re-running a killed sweep runs only the
-rest (a half-finished trial resumes from its checkpoints). At the end, and after each
+A sweep with `search="bayes"` (optuna's TPE, train/experiments/sweeps.py) asks each trial
+from the results before it: sequential mode runs one parameter set at a time, parallel
+mode `--max_parallel` at a time (asked together), and `print` is refused.
+`--compare_searches=N` runs the config's search space with random and with bayes search,
+N search seeds each (`W/<search>/search_seed=<s>/`, each a sweep as above) and writes
+`W/search_comparison.md` and `.png`: best-so-far against trials at equal trial counts.
+
+  python -m launch.sweep --config configs/search.py --workdir runs/search --compare_searches=3
+
+`W/sweep.json` (the trial list; a bayes search's so far) is written before anything
+runs. Trials whose `W/<trial>/results.json` is complete are skipped, so re-running a killed
+sweep runs only the rest (a half-finished trial resumes from its checkpoints; a bayes
+search re-runs a trial it asked with the same parameters). At the end, and after each
 trial, `W/results.csv` and `W/results.md` are rewritten (the PNG plots at the end;
 `--mode=collect` redraws them any time).
 """
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import shlex
 import subprocess
@@ -46,6 +58,9 @@ def define_flags():
     flags.DEFINE_enum("mode", "sequential", ["sequential", "parallel", "print", "collect"],
                       "How to run the trials (see the module docstring).")
     flags.DEFINE_integer("max_parallel", 2, "Trials at once in --mode=parallel.")
+    flags.DEFINE_integer("compare_searches", 0, "N > 0: run the sweep's search space with "
+                         "random and with bayes search, N search seeds each, and write "
+                         "W/search_comparison.md (see the module docstring).")
     flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger("strata")
@@ -61,31 +76,41 @@ def load_sweep(config_path):
     return sweeps.parse_sweep(module.get_sweep(arg) if arg else module.get_sweep())
 
 
-def prepare(config_path, workdir, cli_overrides=(), spec=None):
-    """-> (spec, trials, {trial name: config}). Every trial's config is built and checked
-    before anything runs, so a bad sweep key fails now, naming it; sweep.json is written.
-    `spec` (a SweepSpec) replaces the config file's own get_sweep (ablation parts)."""
+def checked_config(config_path, trial, cli_overrides=()):
+    """The trial's config, validated (config_checks) and locked; errors name the trial."""
     from train.config_checks import validate
 
+    config = sweeps.trial_config(config_path, trial, cli_overrides)
+    try:
+        validate(config)
+    except ValueError as error:
+        raise ValueError(f"Trial {trial.name}: {error}") from error
+    config.lock()
+    return config
+
+
+def prepare(config_path, workdir, cli_overrides=(), spec=None):
+    """-> (spec, trials, {trial name: config}, the trials' test split). Every trial's
+    config is built and checked before anything runs, so a bad sweep key fails now,
+    naming it; sweep.json is written.
+    A bayes search's trials are those asked so far; its keys and values are checked on
+    `sweeps.probe_trials` (every choice, every bound), whose configs are not returned.
+    `spec` (a SweepSpec) replaces the config file's own get_sweep (ablation parts)."""
     spec = spec or load_sweep(config_path)
-    trials = sweeps.enumerate_trials(spec)
-    configs = {}
-    for trial in trials:
-        config = sweeps.trial_config(config_path, trial, cli_overrides)
-        try:
-            validate(config)
-        except ValueError as error:
-            raise ValueError(f"Trial {trial.name}: {error}") from error
-        config.lock()
-        configs[trial.name] = config
-    splits = {sweep_report.split_name(c.data.eval_split) for c in configs.values()}
+    trials = sweeps.sweep_trials(spec, workdir)
+    configs = {t.name: checked_config(config_path, t, cli_overrides) for t in trials}
+    probes = [checked_config(config_path, t, cli_overrides)
+              for t in (sweeps.probe_trials(spec) if spec.search == "bayes" else ())]
+    splits = {sweep_report.split_name(c.data.eval_split) for c in [*configs.values(), *probes]}
     if spec.metric.split("/")[0] not in splits:
         raise ValueError(f"Sweep metric={spec.metric!r} is not on the trials' eval split "
                          f"{sorted(splits)} (config.data.eval_split)")
     sweeps.write_sweep_record(workdir, config_path, spec, trials, cli_overrides)
-    log.info("Sweep of %d trials in %s (%d finished)", len(trials), workdir,
-             sum(sweeps.is_finished(workdir, t) for t in trials))
-    return spec, trials, configs
+    log.info("Sweep of %d trials in %s (%d finished)%s", len(trials), workdir,
+             sum(sweeps.is_finished(workdir, t) for t in trials),
+             f"; {spec.search} search to {spec.num_trials} trials a grid point"
+             if spec.search == "bayes" else "")
+    return spec, trials, configs, (probes or list(configs.values()))[0].data.test_split
 
 
 def train_in_process(trial, config, workdir):
@@ -162,13 +187,37 @@ def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overr
     """Runs (or prints) the unfinished trials, then writes the report; returns the names
     of failed trials. `run_trial(trial, config, trial_workdir)` trains one trial in
     sequential mode (tests pass a cheap stand-in)."""
-    spec, trials, configs = prepare(config_path, workdir, cli_overrides, spec)
-    test_split = next(iter(configs.values())).data.test_split
-
-    def report(failed=(), plots=False):  # Tables after each trial; plots at the end.
-        return sweep_report.write_report(workdir, spec, trials, failed, test_split, plots)
-
+    spec, trials, configs, test_split = prepare(config_path, workdir, cli_overrides, spec)
+    bayes = sweeps.BayesSearch(workdir, spec) if spec.search == "bayes" else None
+    if bayes and mode == "print":
+        raise ValueError("--mode=print: a search='bayes' sweep asks each trial from the "
+                         "results before it, so it has no command list; run it with "
+                         "--mode=sequential or --mode=parallel")
     failed = []
+
+    def current_trials():
+        return bayes.trials() if bayes else trials
+
+    def report(batch_failed=(), plots=False):  # Tables after each trial; plots at the end.
+        return sweep_report.write_report(workdir, spec, current_trials(),
+                                         [*failed, *batch_failed], test_split, plots)
+
+    def config_of(trial):
+        if trial.name not in configs:
+            configs[trial.name] = checked_config(config_path, trial, cli_overrides)
+        return configs[trial.name]
+
+    def run_here(batch):
+        return sweeps.run_trials(
+            workdir, batch,
+            lambda t: run_trial(t, config_of(t), os.path.join(workdir, t.name)),
+            on_done=report)
+
+    def run_subprocesses(batch):
+        prepare_data({t.name: config_of(t) for t in batch
+                      if not sweeps.is_finished(workdir, t)})
+        return run_parallel(config_path, workdir, batch, cli_overrides, max_parallel, report)
+
     if mode == "print":
         for trial in trials:
             if not sweeps.is_finished(workdir, trial):
@@ -179,21 +228,68 @@ def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overr
                    *(f"--config.{o}" for o in cli_overrides)]
         print(f"# When they have finished: {shlex.join(collect)}")
         return failed
-    if mode == "sequential":
-        failed = sweeps.run_trials(
-            workdir, trials,
-            lambda t: run_trial(t, configs[t.name], os.path.join(workdir, t.name)),
-            on_done=report)
-    elif mode == "parallel":
-        prepare_data({t.name: configs[t.name] for t in trials
-                      if not sweeps.is_finished(workdir, t)})
-        failed = run_parallel(config_path, workdir, trials, cli_overrides, max_parallel,
-                              report)
+    if mode in ("sequential", "parallel"):
+        run_batch = run_here if mode == "sequential" else run_subprocesses
+        if bayes:
+            def record():  # sweep.json lists the trials asked so far.
+                sweeps.write_sweep_record(workdir, config_path, spec, bayes.trials(),
+                                          cli_overrides)
+
+            failed += bayes.run(run_batch, 1 if mode == "sequential" else max_parallel,
+                                on_asked=record)
+        else:
+            failed += run_batch(trials)
     elif mode != "collect":
         raise ValueError(f"--mode={mode!r}; expected sequential, parallel, print or collect")
-    outputs = report(failed, plots=True)
+    outputs = report(plots=True)
     log.info("Sweep report: %s (%d trials failed)", outputs["markdown"], len(failed))
     return failed
+
+
+def compare_searches(config_path, workdir, search_seeds=3, mode="sequential",
+                     max_parallel=2, cli_overrides=(), run_trial=train_in_process):
+    """Runs the config's sweep space with search="random" and with search="bayes" at its
+    num_trials, with search_seed 0 .. search_seeds - 1 each (`W/<search>/search_seed=<s>/`,
+    each a resumable sweep), then writes `W/search_comparison.md` and `.png`; returns
+    (failed trials as `<search>/search_seed=<s>/<trial>`, write_search_comparison's
+    outputs). `mode="collect"` only rewrites the comparison."""
+    base = load_sweep(config_path)
+    if not base.random or base.num_trials < 2:
+        raise ValueError(f"--compare_searches: {config_path}'s sweep needs a `random` "
+                         f"space and num_trials >= 2 to compare searches over")
+    if base.grid:
+        raise ValueError(f"--compare_searches compares searches over one space; "
+                         f"{config_path}'s sweep also has grid keys {list(base.grid)}: "
+                         f"make them `choice` keys of its random space")
+    if mode not in ("sequential", "parallel", "collect"):
+        raise ValueError(f"--compare_searches runs with --mode=sequential, parallel or "
+                         f"collect, not {mode!r}")
+    raw = {k: v for k, v in dataclasses.asdict(base).items() if k != "startup_trials"}
+    if base.search == "bayes":  # Its own startup_trials; else bayes's default.
+        raw["startup_trials"] = base.startup_trials
+    specs = {}
+    for search in sweeps.SEARCHES:
+        fields = raw if search == "bayes" else {
+            k: v for k, v in raw.items() if k != "startup_trials"}
+        for seed in range(search_seeds):
+            specs[search, seed] = sweeps.parse_sweep(
+                {**fields, "search": search, "search_seed": seed})
+    failed, curves = [], {}
+    for (search, seed), spec in specs.items():
+        directory = os.path.join(workdir, search, f"search_seed={seed}")
+        log.info("Search comparison: %s search, search_seed=%d", search, seed)
+        part_failed = run_sweep(config_path, directory, mode, max_parallel, cli_overrides,
+                                run_trial, spec)
+        failed += [f"{search}/search_seed={seed}/{name}" for name in part_failed]
+        trials = sweeps.sweep_trials(spec, directory)
+        groups = sweep_report.group_rows(sweep_report.collect_rows(directory, trials), trials)
+        curve = sweep_report.search_curves(groups, spec).get("all", [])
+        # Unasked trials (a search cut short) are missing, not the best so far.
+        curves.setdefault(search, {})[seed] = (
+            curve + [math.nan] * (spec.num_trials - len(curve)))[:spec.num_trials]
+    outputs = sweep_report.write_search_comparison(workdir, specs["bayes", 0], curves)
+    log.info("Search comparison: %s", outputs["markdown"])
+    return failed, outputs
 
 
 def enable_compilation_cache(workdir):
@@ -265,7 +361,10 @@ def main(argv):
         f = flags.FLAGS
         enable_compilation_cache(f.workdir)
         ablation = load_ablation(f.config, f.workdir)
-        if ablation:
+        if f.compare_searches:
+            failed, _ = compare_searches(f.config, f.workdir, f.compare_searches, f.mode,
+                                         f.max_parallel, _cli_overrides)
+        elif ablation:
             failed = run_ablation(f.config, f.workdir, f.mode, f.max_parallel,
                                   _cli_overrides, ablation=ablation)
         else:

@@ -5,17 +5,22 @@ flattened: `validation/accuracy`, `parameters/trainable`, `peak_memory/...`,
 `forgetting/increase`); the Markdown table groups trials that differ only in their seed
 and shows mean ± sample standard deviation (ddof=1) over the seeds. The best group is
 chosen on the sweep's metric (on the validation split, by mean over seeds) and reported
-with its test score.
+with its test score. A sweep with a search space also gets `best_so_far.png`: the best
+metric found after each trial, in the order trials were drawn (asked, for a bayes search).
+
+`write_search_comparison` reports random against bayes search over the same space at
+equal trial counts (launch/sweep.py --compare_searches): best-so-far against trials,
+mean and spread over search seeds, and a permutation test of the difference.
 """
 
 import csv
+import itertools
 import math
 import os
-import re
 
 import numpy as np
 
-from train.experiments.sweeps import format_value, short_names
+from train.experiments.sweeps import format_value, short_names, split_name
 from train.metrics_log import read_metrics
 from train.run_record import read_results
 
@@ -43,10 +48,6 @@ def flatten_results(results):
     if total and trainable is not None:
         flat["parameters/trainable_percent"] = 100.0 * trainable / total
     return flat
-
-
-def split_name(split):
-    return re.sub(r"\[[^\]]*\]$", "", split)
 
 
 def collect_rows(workdir, trials, failed=()):
@@ -315,6 +316,154 @@ def plot_metric_vs_label_fraction(path, groups, spec, best=None):
     return path
 
 
+# --- Searches: best so far against trials ----------------------------------------------
+
+
+def best_so_far(values, mode):
+    """[the best of values[:k + 1] for each k]: NaN until the first finite value; a
+    failed trial (NaN) keeps the best before it."""
+    best, curve = math.nan, []
+    for value in values:
+        value = float(value) if isinstance(value, (int, float)) else math.nan
+        if math.isfinite(value) and not (math.isfinite(best) and (
+                value <= best if mode == "max" else value >= best)):
+            best = value
+        curve.append(best)
+    return curve
+
+
+def search_curves(groups, spec):
+    """{grid point label: best-so-far of the mean metric over each parameter set's seeds,
+    one value a parameter set in trial order} ("all" without a grid)."""
+    grid = [short_names(spec.keys)[k] for k in spec.grid]
+    values = {}
+    for _, overrides, rows, _ in groups:
+        label = ",".join(f"{k}={format_value(overrides[k])}" for k in grid) or "all"
+        values.setdefault(label, []).append(mean_std([r.get(spec.metric) for r in rows])[0])
+    return {label: best_so_far(v, spec.mode) for label, v in values.items()}
+
+
+def plot_best_so_far(path, groups, spec):
+    """Best metric so far against trials, one line a grid point; None without a
+    search space."""
+    if not spec.random or spec.num_trials < 2:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, curve in search_curves(groups, spec).items():
+        axis.plot(range(1, len(curve) + 1), curve, "o-", markersize=3, label=label)
+    axis.set_xlabel(f"trials ({spec.search} search; each the mean over its seeds)")
+    axis.set_ylabel(f"best {spec.metric} so far ({spec.mode})")
+    axis.grid(alpha=0.3)
+    if spec.grid:
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def permutation_p_value(a, b, resamples=20000, seed=0):
+    """Two-sided permutation test of mean(a) - mean(b) between two independent samples
+    (e.g. final best scores over search seeds): every split of the pooled values when
+    there are at most `resamples`, else `resamples` random ones. With 3 against 3 the
+    smallest possible p is 0.1: such a comparison cannot be significant at 0.05."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    pooled, observed = np.concatenate([a, b]), abs(a.mean() - b.mean())
+    n, k = pooled.size, a.size
+    if math.comb(n, k) <= resamples:
+        splits = [list(c) for c in itertools.combinations(range(n), k)]
+    else:
+        rng = np.random.default_rng(seed)
+        splits = [rng.permutation(n)[:k] for _ in range(resamples)]
+    total = pooled.sum()
+    differences = [abs(pooled[s].mean() - (total - pooled[s].sum()) / (n - k))
+                   for s in splits]
+    return float(np.mean(np.asarray(differences) >= observed - 1e-12))
+
+
+def write_search_comparison(workdir, spec, curves, plots=True):
+    """`search_comparison.md` (and `.png`) in `workdir`: best-so-far of spec.metric
+    against trials for each search, over search seeds. `curves`: {search name: {search
+    seed: [best so far after each trial]}}, every curve num_trials long. Returns
+    {"markdown": path, "plot": path or None, "final": {search: [final best a seed]},
+    "p_value": the permutation test of the final bests (two searches)}."""
+    names = list(curves)
+    arrays = {n: np.array([curves[n][s] for s in sorted(curves[n])], np.float64)
+              for n in names}
+    trials = arrays[names[0]].shape[1]
+    counts = sorted({k for k in (1, 2, 3, 5, 8, 12, 16, 24, 32, 48, 64) if k < trials}
+                    | {spec.startup_trials, trials} - {0})
+    seeds = {n: sorted(curves[n]) for n in names}
+    lines = [f"# {' vs '.join(names)} search: best {spec.metric} so far against trials", "",
+             f"Same space ({', '.join(spec.random)}), {trials} trials a search, search seeds "
+             + "; ".join(f"{n}: {seeds[n]}" for n in names)
+             + f". Cells: mean ± sample std over the search seeds (min–max in brackets) of "
+             f"the best {spec.metric} ({spec.mode}) after that many trials. TPE's first "
+             f"{spec.startup_trials} trials are random draws.", "",
+             "| trials | " + " | ".join(names) + " | difference (" + " − ".join(
+                 reversed(names)) + ") | permutation p |",
+             "|---:|" + "---:|" * (len(names) + 2)]
+    final = {n: arrays[n][:, -1].tolist() for n in names}
+    p_value = None
+    for k in counts:
+        cells = []
+        for n in names:
+            column = arrays[n][:, k - 1]
+            mean, std = mean_std(column.tolist())
+            cells.append(f"{mean:.4f} ± {std:.4f} [{np.nanmin(column):.4f}–"
+                         f"{np.nanmax(column):.4f}]")
+        if len(names) == 2:
+            a, b = arrays[names[1]][:, k - 1], arrays[names[0]][:, k - 1]
+            p = permutation_p_value(a, b)
+            cells += [f"{a.mean() - b.mean():+.4f}", f"{p:.2f}"]
+            p_value = p
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if len(names) == 2:
+        a, b = names[1], names[0]
+        difference = np.mean(final[a]) - np.mean(final[b])
+        better = (difference > 0) == (spec.mode == "max")
+        standing = ("level with" if difference == 0 else "ahead of" if better else "behind")
+        lines += ["", f"After {trials} trials {a} is {standing} {b} by {abs(difference):.4f} "
+                  f"in mean best {spec.metric}; "
+                  + (f"significant at 0.05 (p = {p_value:.2f})." if p_value < 0.05 else
+                     f"not significant (p = {p_value:.2f}, two-sided permutation test over "
+                     f"the search seeds).")]
+    plot = None
+    if plots:
+        plot = plot_search_comparison(os.path.join(workdir, "search_comparison.png"), spec,
+                                      arrays)
+        lines += ["", "![best so far against trials](search_comparison.png)"]
+    path = os.path.join(workdir, "search_comparison.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"markdown": path, "plot": plot, "final": final, "p_value": p_value}
+
+
+def plot_search_comparison(path, spec, arrays):
+    """Mean best-so-far against trials per search, the band its min–max over seeds."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, array in arrays.items():
+        x = np.arange(1, array.shape[1] + 1)
+        line, = axis.plot(x, np.nanmean(array, 0), "o-", markersize=3,
+                          label=f"{name} (mean of {array.shape[0]} search seeds)")
+        axis.fill_between(x, np.nanmin(array, 0), np.nanmax(array, 0), alpha=0.2,
+                          color=line.get_color())
+    if spec.startup_trials:
+        axis.axvline(spec.startup_trials + 0.5, color="grey", linestyle=":",
+                     label="TPE starts modelling")
+    axis.set_xlabel("trials")
+    axis.set_ylabel(f"best {spec.metric} so far ({spec.mode})")
+    axis.set_title("Mean over search seeds; band: min–max", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def write_report(workdir, spec, trials, failed=(), test_split="test", plots=True):
     """results.csv, results.md and (with `plots`) the PNG plots in `workdir`; returns
     their paths. Without `plots` (a progress update during a sweep: seconds cheaper) the
@@ -325,11 +474,13 @@ def write_report(workdir, spec, trials, failed=(), test_split="test", plots=True
     best = best_group(groups, spec.metric, spec.mode)
     outputs = {"csv": write_csv(os.path.join(workdir, "results.csv"), rows, trials)}
     paths = [os.path.join(workdir, name) for name in (
-        "learning_curves.png", "metric_vs_parameters.png", "metric_vs_label_fraction.png")]
+        "learning_curves.png", "metric_vs_parameters.png", "metric_vs_label_fraction.png",
+        "best_so_far.png")]
     if plots:
         paths = [plot_learning_curves(paths[0], workdir, groups, spec, best),
                  plot_metric_vs_parameters(paths[1], groups, spec, best),
-                 plot_metric_vs_label_fraction(paths[2], groups, spec, best)]
+                 plot_metric_vs_label_fraction(paths[2], groups, spec, best),
+                 plot_best_so_far(paths[3], groups, spec)]
     outputs["plots"] = [p for p in paths if p and os.path.exists(p)]
     outputs["markdown"] = write_markdown(os.path.join(workdir, "results.md"), groups, spec,
                                          rows, test_split,
