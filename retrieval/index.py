@@ -45,9 +45,10 @@ def resolve_kind(config: IndexConfig) -> str:
     if scann_ops() is None:
         global _fallback_noticed
         if not _fallback_noticed:
-            log.warning("ScaNN is not importable on this platform (index kind %r): using "
-                        "exact search instead (correct, slower on large corpora).",
-                        config.kind)
+            log.warning("ScaNN is not importable here (index kind %r): using exact search "
+                        "instead (correct, slower on large corpora). To install it (Linux "
+                        "x86-64 / aarch64, Python 3.11+): pip install scann; or set "
+                        "config.index.kind='exact' to silence this.", config.kind)
             _fallback_noticed = True
         return "exact"
     return "scann"

@@ -155,3 +155,13 @@ def test_bad_rag_settings_fail_at_start_up_naming_the_key(field, value, message)
     config.rag[field] = value
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         registry.get_task("rag").check(config)
+
+
+def test_masked_lm_on_a_decoder_tokenizer_is_refused_by_name():
+    from configs import pretrain_mlm
+    from train.tasks import registry
+
+    config = pretrain_mlm.get_config("runlocal")
+    config.data.tokenizer = "gguf"
+    with pytest.raises(ValueError, match="config.data.tokenizer='gguf'.*has none"):
+        registry.get_task("mlm").check(config)

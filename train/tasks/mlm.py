@@ -18,6 +18,11 @@ class MaskedLM(Task):
 
     def check(self, config):
         check_heads(config, ("mlm",), "masked-LM predicts through the mlm head")
+        if config.data.tokenizer == "gguf":  # A decoder's BPE: no [MASK] piece to mask with.
+            raise ValueError("config.task='mlm' masks pieces with the tokenizer's [MASK]; "
+                             "config.data.tokenizer='gguf' (a chat decoder's BPE) has none: "
+                             "use task 'prefix_lm' for a decoder, or a sentencepiece/"
+                             "wordpiece tokenizer")
         fraction, m = config.data.prefix_lm_fraction, config.model
         if fraction > 0 and (m.attention_mask != "prefix"
                              or not {"mlm", "lm"} <= set(m.heads)):
