@@ -152,7 +152,8 @@ def load_generator(gen_workdir):
 
     with open(os.path.join(gen_workdir, "config.json")) as f:
         gen = ml_collections.ConfigDict(json.load(f))
-    if gen.data.prompt_format == "chat":  # A chat decoder fine-tuned on ChatML prompts.
+    # A chat decoder fine-tuned on ChatML prompts (runs recorded before the key: plain).
+    if gen.data.get("prompt_format", "plain") == "chat":
         from retrieval.chat_generator import ChatGenerator
 
         return ChatGenerator.from_workdir(gen_workdir, **chat_decoding(gen))
