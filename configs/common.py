@@ -140,6 +140,9 @@ def base_config():
             tokenizer_path="",  # "" -> cached beside the dataset in data_dir.
             tokenizer_sample=200_000,  # Max training-split texts used to fit sentencepiece.
             packing=False,  # Pack several sequences per row (pre-training) vs pad.
+            # Training batches padded to the smallest of these widths that fits all their
+            # rows, e.g. (16, 32, 48) with seq_len 48 (last == seq_len); () pads to seq_len.
+            length_buckets=(),
             batch_size=32,  # Global batch, split over the data and fsdp mesh axes.
             eval_batch_size=64,
             shuffle_buffer_seed=0,
@@ -168,7 +171,7 @@ def base_config():
 
     c.optim = ml_collections.ConfigDict(
         dict(
-            name="adamw",
+            name="adamw",  # "adamw" | "sgd" | "adafactor" | "lion" | "lamb" (optax's).
             lr=1e-3,
             schedule="cosine",  # "cosine" | "linear" | "constant"
             warmup_steps=100,
@@ -176,6 +179,9 @@ def base_config():
             b1=0.9,
             b2=0.999,
             eps=1e-8,
+            momentum=0.9,  # sgd (0: plain SGD).
+            nesterov=False,  # sgd.
+            lion_b2=0.99,  # lion's second beta (Chen et al. 2023); b1 is shared.
             weight_decay=0.01,  # Applied to matrices only: never biases or norms.
             clip_norm=1.0,  # 0 disables.
             grad_accum_steps=1,

@@ -1,4 +1,5 @@
-"""optax optimizer from `config.optim`: AdamW, warmup + decay, clipping, decay mask, and
+"""optax optimizer from `config.optim`: AdamW, SGD, Adafactor, Lion or LAMB by name
+(`OPTIMIZERS`), warmup + decay, clipping, decay mask, and
 the per-parameter freezing / learning-rate multipliers of `config.optim.param_rules`
 (see `train.param_rules`)."""
 
@@ -56,6 +57,43 @@ def scale_by_multipliers(multiplier_of_path):
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
+def _sgd(cfg, schedule):  # L2 weight decay through the gradient, as SGD papers use it.
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay, weight_decay_mask),
+                       optax.sgd(schedule, momentum=cfg.momentum or None,
+                                 nesterov=cfg.nesterov))
+
+
+# config.optim.name -> (optim_cfg, schedule) -> the update rule, from optax. Each decays
+# matrices only (weight_decay_mask); clipping, schedules, freezing and lr multipliers
+# wrap whichever is chosen.
+OPTIMIZERS = {
+    "adamw": lambda cfg, schedule: optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask),
+    "sgd": _sgd,  # optim.momentum (0: none), optim.nesterov.
+    # Factored second moments (rows + columns of each matrix >= 128): the smallest state;
+    # its weight decay is added after the learning rate (optax's adafactor).
+    "adafactor": lambda cfg, schedule: optax.adafactor(
+        schedule, weight_decay_rate=cfg.weight_decay or None,
+        weight_decay_mask=weight_decay_mask),
+    # Lion (Chen et al. 2023): sign updates, one moment; b1 and optim.lion_b2.
+    "lion": lambda cfg, schedule: optax.lion(
+        schedule, b1=cfg.b1, b2=cfg.lion_b2, weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask),
+    "lamb": lambda cfg, schedule: optax.lamb(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask),
+}
+
+
+def check_optimizer(optim_cfg):
+    if optim_cfg.name not in OPTIMIZERS:
+        raise ValueError(f"config.optim.name={optim_cfg.name!r}; expected one of "
+                         f"{sorted(OPTIMIZERS)} (optax's)")
+    if optim_cfg.name == "sgd" and optim_cfg.nesterov and not optim_cfg.momentum:
+        raise ValueError("config.optim.nesterov=True needs config.optim.momentum > 0")
+
+
 def make_optimizer(optim_cfg, num_steps, params=None):
     """-> (tx, schedule). `params` (abstract is enough) is needed by `optim.param_rules`
     and `optim.layerwise_lr_decay`; without them the optimizer is plain clip + AdamW.
@@ -68,8 +106,7 @@ def make_optimizer(optim_cfg, num_steps, params=None):
     `l1_strength` add train.regularizers' gradient first (in the trainable branch: frozen
     parameters get no anchor either).
     """
-    if optim_cfg.name != "adamw":
-        raise ValueError(f"config.optim.name={optim_cfg.name!r}; only 'adamw' is implemented")
+    check_optimizer(optim_cfg)
     schedule = learning_rate_schedule(optim_cfg, num_steps)
     parts = []
     l2, l1, toward = regularizers.check_strengths(optim_cfg)
@@ -79,10 +116,7 @@ def make_optimizer(optim_cfg, num_steps, params=None):
             fresh_pattern=optim_cfg.get("regularize_fresh", regularizers.FRESH_PATTERN)))
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
-    parts.append(optax.adamw(
-        schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-        weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask,
-    ))
+    parts.append(OPTIMIZERS[optim_cfg.name](optim_cfg, schedule))
     rules = optim_cfg.get("param_rules", ()) or ()
     decay = optim_cfg.get("layerwise_lr_decay", 0.0) or 0.0
     if not rules and not decay:
