@@ -47,6 +47,10 @@ DEFAULTS = dict(
     lora_dropout=0.0,  # Dropout on the LoRA branch's input.
     ia3=False,  # (IA)^3: learned scales of keys, values and the MLP hidden.
     prompt_length=0,  # Prompt tuning: learned input vectors after [CLS]; 0 = off.
+    # > 0: P-tuning (Liu et al. 2021): the prompt vectors come from a prompt encoder (an
+    # MLP of this width over free inputs), folded into plain prompts after training
+    # (model/prefix.py). 0 = free prompt vectors.
+    prompt_encoder_dim=0,
     prefix_length=0,  # Prefix tuning: learned keys/values per layer; 0 = off.
     # > 0: prefixes come from an MLP of this width (Li & Liang's reparameterisation),
     # folded into plain prefixes after training (model/prefix.py). 0 = free prefixes.

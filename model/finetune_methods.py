@@ -17,7 +17,9 @@ An entry (`Method`) holds what a method is:
   merges      launch/export.py can write it as a plain BertModel: nothing to merge, or
               merged into the base kernels (LoRA, (IA)^3; model/hf_bert.py merge_peft).
               Prompts, prefixes (even Li & Liang's MLP folded by model/prefix.py) and
-              adapters add computation BERT lacks: export refuses them.
+              adapters add computation BERT lacks: export refuses them;
+  replaces    methods whose modules this one's take the place of (P-tuning's prompt
+              encoder makes prompt tuning's vectors): `active` names only this one.
 The callables take this method's args only, as given or defaulted (`Method.arguments`).
 
 Adding a method: its module (model/), its model fields (model/config.py), one entry here.
@@ -48,6 +50,7 @@ class Method:
     off: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     params: str = ""
     merges: bool = True
+    replaces: tuple = ()  # Methods whose modules this one's take the place of.
 
     def arguments(self, given=None):
         """This method's arguments: `given`'s values (a dict or ConfigDict holding any
@@ -130,6 +133,13 @@ METHODS = {m.name: m for m in (
     _peft("prompt_tuning", r"encoder/prompt", off=dict(prompt_length=0), merges=False,
           args=dict(prompt_length=20),
           model=lambda args: dict(prompt_length=args["prompt_length"])),
+    # P-tuning: prompt vectors from a trainable prompt encoder (an MLP over free inputs),
+    # folded into plain prompt vectors after training (model/prefix.py).
+    _peft("p_tuning", r"encoder/prompt_encoder/.*", off=dict(prompt_encoder_dim=0),
+          merges=False, replaces=("prompt_tuning",),
+          args=dict(prompt_length=20, prompt_encoder_dim=128),
+          model=lambda args: dict(prompt_length=args["prompt_length"],
+                                  prompt_encoder_dim=args["prompt_encoder_dim"])),
     # prefix_mlp_dim > 0: prefixes from Li & Liang's MLP, folded into plain prefixes after
     # training (model/prefix.py).
     _peft("prefix_tuning", r".*/prefix_(key|value)|encoder/prefix_mlp/.*",
@@ -162,5 +172,7 @@ def active(model_cfg):
         if isinstance(model_cfg, Mapping) or hasattr(model_cfg, "to_dict"):
             return model_cfg.get(key, off)
         return getattr(model_cfg, key, off)
-    return tuple(name for name, m in METHODS.items()
-                 if any(value(k, off) != off for k, off in m.off.items()))
+    on = [name for name, m in METHODS.items()
+          if any(value(k, off) != off for k, off in m.off.items())]
+    replaced = {r for name in on for r in METHODS[name].replaces}
+    return tuple(name for name in on if name not in replaced)

@@ -1,4 +1,5 @@
-"""Drop prefix tuning's MLP reparameterisation after training.
+"""Drop the reparameterisations of prefix tuning (its MLP) and P-tuning (its prompt
+encoder) after training.
 
 With `cfg.prefix_mlp_dim > 0` every layer's prefixes are computed by `PrefixMlp` from
 free vectors. The MLP only helps optimisation; once trained, its outputs are all that
@@ -8,7 +9,7 @@ model runs with `prefix_mlp_dim=0`: same outputs, fewer parameters, no MLP at in
 
 import dataclasses
 
-from model.transformer import PrefixMlp
+from model.transformer import PrefixMlp, PromptEncoder
 
 
 def fold_prefix_mlp(params, cfg):
@@ -27,3 +28,14 @@ def fold_prefix_mlp(params, cfg):
                               "prefix_value": values}
         encoder[f"block_{i}"] = block
     return {**params, "encoder": encoder}, dataclasses.replace(cfg, prefix_mlp_dim=0)
+
+
+def fold_prompt_encoder(params, cfg):
+    """-> (params, cfg) with P-tuning's prompt encoder output stored as the plain prompt
+    vectors (`encoder/prompt`, prompt tuning's) and the encoder removed: same outputs.
+    A model without the encoder comes back unchanged."""
+    if not (cfg.prompt_length and cfg.prompt_encoder_dim):
+        return params, cfg
+    encoder = dict(params["encoder"])
+    encoder["prompt"] = PromptEncoder(cfg).apply({"params": encoder.pop("prompt_encoder")})
+    return {**params, "encoder": encoder}, dataclasses.replace(cfg, prompt_encoder_dim=0)

@@ -187,7 +187,9 @@ class Encoder(nn.Module):
                     cfg.init_std, ("position", "embed")),
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             )
-        if cfg.prompt_length:
+        if cfg.prompt_length and cfg.prompt_encoder_dim:
+            self.prompt_encoder = PromptEncoder(cfg)  # P-tuning.
+        elif cfg.prompt_length:
             # Prompt tuning (Lester et al. 2021): p free input vectors, drawn like embeddings.
             self.prompt = self.param(
                 "prompt", initializers.embedding(cfg.init_std, (None, "embed")),
@@ -247,7 +249,8 @@ class Encoder(nn.Module):
                 token_type_ids = jnp.zeros_like(tokens)
             x = x + self.type_embed(token_type_ids)
         if cfg.prompt_length:
-            x = insert_after_first(x, self.prompt.astype(x.dtype), cfg.prompt_length)
+            prompt = self.prompt_encoder() if cfg.prompt_encoder_dim else self.prompt
+            x = insert_after_first(x, prompt.astype(x.dtype), cfg.prompt_length)
         x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
         if cfg.norm == "post":
             x = self.norm(x)
@@ -295,6 +298,27 @@ class PrefixMlp(nn.Module):
         out = dense(cfg, cfg.num_layers * 2 * heads * head_dim, ("mlp", None), "output")(h)
         out = out.reshape(p, cfg.num_layers, 2, heads, head_dim).transpose(1, 2, 0, 3, 4)
         return [(out[i, 0], out[i, 1]) for i in range(cfg.num_layers)]
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning's prompt encoder (Liu et al. 2021, "GPT Understands, Too"; its MLP form,
+    as HF PEFT's `encoder_reparameterization_type="MLP"`): the p prompt vectors are an
+    MLP of p free inputs, which trains more stably than free vectors. After training,
+    `model/prefix.py:fold_prompt_encoder` stores its output as plain prompt vectors.
+
+    Params: `embedding` [p, hidden], `hidden` (dense hidden -> prompt_encoder_dim, relu),
+    `output` (dense -> hidden). Returns the prompt vectors [p, hidden].
+    """
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.cfg
+        inputs = self.param("embedding", initializers.embedding(cfg.init_std, (None, "embed")),
+                            (cfg.prompt_length, cfg.hidden), cfg.param_dtype)
+        h = nn.relu(dense(cfg, cfg.prompt_encoder_dim, ("embed", "mlp"), "hidden")(inputs))
+        return dense(cfg, cfg.hidden, ("mlp", "embed"), "output")(h)
 
 
 def insert_after_first(x, inserted, length):
@@ -418,7 +442,9 @@ def resolve(cfg):
         raise ValueError(f"config.model.norm={cfg['norm']!r}; expected 'pre' or 'post'")
     initializers.base(cfg["init"])  # Fails early on an unknown initialiser.
     lora.check(cfg)
-    for key in ("prompt_length", "prefix_length", "prefix_mlp_dim", "adapter_dim"):
+    cfg.setdefault("prompt_encoder_dim", 0)  # Runs saved before P-tuning existed.
+    for key in ("prompt_length", "prompt_encoder_dim", "prefix_length", "prefix_mlp_dim",
+                "adapter_dim"):
         if cfg[key] < 0:
             raise ValueError(f"config.model.{key}={cfg[key]}; expected >= 0 (0 = off)")
     cfg["dtype"] = jnp.dtype(cfg["dtype"])

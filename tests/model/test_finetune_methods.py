@@ -30,6 +30,7 @@ VARIANTS = {
     "adapters": ["adapter_dim=16,adapter_norms=false"],
     "prompt_tuning": ["prompt_length=5"],
     "prefix_tuning": ["prefix_length=7,prefix_mlp_dim=32"],
+    "p_tuning": ["prompt_length=4,prompt_encoder_dim=32"],
 }
 CASES = [(m, a) for m in METHODS for a in ["", *VARIANTS.get(m, [])]]
 
@@ -42,6 +43,7 @@ REFERENCE_PEFT_PARAMS = {
     "ia3": r".*/ia3_(key|value|mlp)",
     "prompt_tuning": r"encoder/prompt",
     "prefix_tuning": r".*/prefix_(key|value)|encoder/prefix_mlp/.*",
+    "p_tuning": r"encoder/prompt_encoder/.*",
     "adapters": r"encoder/block_\d+/(attention|mlp)_adapter/.*",
 }
 REFERENCE_LR = {"full": 2e-4, "freeze": 2e-4, "layerwise_lr_decay": 2e-4, "adapters": 5e-4}
@@ -74,6 +76,8 @@ def reference_model_fields(arg):
             "prompt_tuning": dict(prompt_length=arg.prompt_length),
             "prefix_tuning": dict(prefix_length=arg.prefix_length,
                                   prefix_mlp_dim=arg.prefix_mlp_dim),
+            "p_tuning": dict(prompt_length=arg.prompt_length,
+                             prompt_encoder_dim=arg.prompt_encoder_dim),
             "adapters": dict(adapter_dim=arg.adapter_dim)}.get(arg.method, {})
 
 
@@ -117,7 +121,11 @@ def test_retriever_config_is_the_table_without_the_head(method, extra):
 
 
 def test_arguments_are_shared_and_each_method_reads_only_its_own():
-    assert sum(len(m.args) for m in METHODS.values()) == len(finetune_methods.ARGS)
+    # One colon argument per name; a name two methods take (prompt_length: prompt tuning
+    # and P-tuning) means the same, with the same default.
+    assert {k for m in METHODS.values() for k in m.args} == set(finetune_methods.ARGS)
+    for method in METHODS.values():
+        assert all(finetune_methods.ARGS[k] == v for k, v in method.args.items()), method
     for method in METHODS.values():  # Callables get only their own args: a KeyError else.
         method.param_rules({}, 4)
         method.model_fields()

@@ -155,7 +155,9 @@ def test_gradients_reach_the_new_params():
     grads = flat(jax.grad(loss)(params))
     # LoRA's A (an adapter's down) gets no gradient while B (up) is zero at step 0; B
     # does, and then A will.
-    patterns = dict(finetune.PEFT_PARAMS, lora=r".*/lora_b", adapters=r".*_adapter/up/.*")
+    # (P-tuning replaces prompt tuning's vectors: its own test below.)
+    patterns = dict({m: finetune.PEFT_PARAMS[m] for m in METHOD_FIELDS}, lora=r".*/lora_b",
+                    adapters=r".*_adapter/up/.*")
     for method, pattern in patterns.items():
         new = [p for p in grads if re.fullmatch(pattern, p)]
         assert new, method
@@ -224,5 +226,33 @@ def test_prefix_mlp_folds_into_plain_prefixes():
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
     # The MLP's output layer reaches every layer's prefixes (it is not a no-op).
     moved = forward(cfg, replace_leaves(params, r"encoder/prefix_mlp/output/kernel",
+                                        lambda p, x: 2 * x))
+    assert not np.allclose(moved["hidden"], want["hidden"], atol=1e-4)
+
+
+def test_p_tuning_prompt_encoder_trains_alone_and_folds_into_plain_prompts():
+    """P-tuning (Liu et al. 2021): the prompt vectors come from a trainable MLP over free
+    inputs; only it (and the head) trains, and folded into prompt tuning's plain vectors
+    the model gives the same outputs with no encoder."""
+    from model.prefix import fold_prompt_encoder
+
+    cfg = model_cfg(prompt_length=5, prompt_encoder_dim=16)
+    params = replace_leaves(init(cfg), r"encoder/prompt_encoder/.*", random_like)
+    encoder = flat(params["encoder"]["prompt_encoder"])
+    assert sum(x.size for x in encoder.values()) == 5 * HIDDEN + (HIDDEN * 16 + 16) + (
+        16 * HIDDEN + HIDDEN)  # Inputs, hidden layer, output layer.
+    rules = finetune.get_config("method=p_tuning,size=tiny").optim.param_rules
+    mask = flat(param_rules.trainable_mask(params, rules))
+    assert {p for p, trains in mask.items() if trains} == {
+        p for p in mask if p.startswith(("encoder/prompt_encoder/", "classify_head/"))}
+    folded, folded_cfg = fold_prompt_encoder(params, resolve(cfg))
+    assert folded_cfg.prompt_encoder_dim == 0 and "prompt_encoder" not in folded["encoder"]
+    plain = model_cfg(prompt_length=5)
+    assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(init(plain))
+    want, got = forward(cfg, params), forward(plain, folded)
+    for name in ("hidden", "classify"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    # The encoder's output layer reaches the prompts (it is not a no-op).
+    moved = forward(cfg, replace_leaves(params, r"encoder/prompt_encoder/output/kernel",
                                         lambda p, x: 2 * x))
     assert not np.allclose(moved["hidden"], want["hidden"], atol=1e-4)
