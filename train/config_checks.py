@@ -81,6 +81,7 @@ def validate(config):
         if config.train[key] < 1:
             raise ValueError(f"config.train.{key}={config.train[key]} must be >= 1")
     check_early_stopping(config.train)
+    pipeline.check_length_buckets(config.data)
     if config.model.hidden % config.model.num_heads and config.model.head_dim in (-1, None):
         raise ValueError(
             f"config.model.hidden={config.model.hidden} is not divisible by "

@@ -299,8 +299,8 @@ class Throughput:
 def final_results(trainer, data, state, config, step, train_time, compiled):
     results = {"step": step, "train_time_s": train_time, "parameters": trainer.counts,
                "data": data.report()}
-    if compiled is not None:
-        results["peak_memory"] = memory.peak_memory(compiled)
+    if compiled:  # The widest batch's executable: the run's peak.
+        results["peak_memory"] = memory.peak_memory(compiled[max(compiled, key=lambda s: s[1])])
     for split in (config.data.eval_split, config.data.test_split):
         results[split] = trainer.evaluate(state.params, data.eval_batches(split),
                                           config.train.final_eval_steps)
@@ -353,17 +353,20 @@ def train(config, workdir, data, trainer, results_file=True):
     stopped = early_stopping.stopped()  # Resumed after the stop: nothing left to train.
     stopped_at = step if stopped and step < num_steps else None
     metrics_log = MetricsLog(workdir, num_steps, step, train_cfg.progress)
-    throughput, compiled, best_step = Throughput(), None, None
+    # One executable per batch shape: with config.data.length_buckets the width varies
+    # among a few fixed values, each compiled once.
+    throughput, compiled, best_step = Throughput(), {}, None
     train_start = time.perf_counter()
     try:
         with Preemption(checkpoints) as preemption:
             while step < num_steps and not stopped:
                 local = next(data.train_iter)
                 batch = trainer.global_batch(local)
-                if compiled is None:  # Compiled ahead once: XLA's memory figure.
-                    compiled = trainer.compile_train_step(state, batch)
+                shape = local["tokens"].shape
+                if shape not in compiled:  # Compiled ahead once a shape: XLA's memory figure.
+                    compiled[shape] = trainer.compile_train_step(state, batch)
                 with trainer.context():
-                    state, metrics = compiled(state, batch)
+                    state, metrics = compiled[shape](state, batch)
                 step += 1
                 throughput.add(metrics, *data.task.count_tokens(local))
                 _test_hook("after_step", step)

@@ -1,6 +1,7 @@
 """grain pipelines: random-access source -> tokenised, batched numpy dicts (per process).
 
-Batch format (B = per-process batch, L = data_cfg.seq_len):
+Batch format (B = per-process batch, L = data_cfg.seq_len, or in training with
+data_cfg.length_buckets one of those widths per batch, see `_EncodeBucketed`):
   tokens         int32   [B, L]  [CLS] pieces... [SEP], padded with [PAD]=0
   segment_ids    int32   [B, L]  1.. per packed sequence (always 1 unpacked), 0 on padding
   positions      int32   [B, L]  0.. restarting per sequence, 0 on padding
@@ -32,6 +33,9 @@ from train.data.tokenizer import Tokenizer
 # buffer on every element, so a long one costs host time.
 _READ = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 _PACK_CHUNK = 64  # Examples tokenised per call before packing.
+# Length buckets sort a window of this many batches: larger fills more batches with one
+# bucket (fewer straddling ones) but shuffles less finely at the batch level.
+_BUCKET_WINDOW = 16
 BATCH_SPEC = PartitionSpec(("data", "fsdp"))  # Batch dim over data and fsdp mesh axes.
 
 
@@ -85,6 +89,25 @@ def _encode(tokenizer: Tokenizer, texts: list[str], seq_len: int) -> list[np.nda
     ]
 
 
+def _padded_batch(rows: list[np.ndarray], examples: list[dict], width: int, pad_id: int,
+                  labels: bool) -> dict[str, np.ndarray]:
+    """Encoded rows (each at most `width` long) + their examples -> one batch of `width`."""
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+    lengths = np.array([len(r) for r in rows])
+    real = np.arange(width)[None, :] < lengths[:, None]
+    batch = {
+        "tokens": tokens,
+        "segment_ids": real.astype(np.int32),
+        "positions": np.where(real, np.arange(width)[None, :], 0).astype(np.int32),
+        "example_weight": np.array([ex.get("example_weight", 1.0) for ex in examples], np.float32),
+    }
+    if labels:
+        batch["labels"] = np.array([ex["label"] for ex in examples], np.int32)
+    return batch
+
+
 class _EncodePadded(grain.transforms.Map):
     """A list of examples -> one padded batch dict (see the module docstring).
 
@@ -97,22 +120,56 @@ class _EncodePadded(grain.transforms.Map):
 
     def map(self, examples: list[dict]) -> dict[str, np.ndarray]:
         rows = _encode(self._tok, [ex["text"] for ex in examples], self._len)
-        tokens = np.full((len(rows), self._len), self._tok.pad_id, np.int32)
-        for i, row in enumerate(rows):
-            tokens[i, : len(row)] = row
-        lengths = np.array([len(r) for r in rows])
-        real = np.arange(self._len)[None, :] < lengths[:, None]
-        batch = {
-            "tokens": tokens,
-            "segment_ids": real.astype(np.int32),
-            "positions": np.where(real, np.arange(self._len)[None, :], 0).astype(np.int32),
-            "example_weight": np.array(
-                [ex.get("example_weight", 1.0) for ex in examples], np.float32
-            ),
-        }
-        if self._labels:
-            batch["labels"] = np.array([ex["label"] for ex in examples], np.int32)
-        return batch
+        return _padded_batch(rows, examples, self._len, self._tok.pad_id, self._labels)
+
+
+def check_length_buckets(data_cfg) -> tuple[int, ...]:
+    """`config.data.length_buckets` as a tuple: () (off) or increasing widths >= 2 ending
+    at `seq_len`."""
+    buckets = tuple(data_cfg.get("length_buckets", ()) or ())
+    if not buckets:
+        return ()
+    ok = (all(isinstance(b, int | np.integer) and not isinstance(b, bool) for b in buckets)
+          and buckets[0] >= 2 and all(a < b for a, b in zip(buckets, buckets[1:]))
+          and buckets[-1] == data_cfg.seq_len)
+    if not ok:
+        raise ValueError(f"config.data.length_buckets={buckets!r}; expected increasing widths "
+                         f">= 2 ending at config.data.seq_len={data_cfg.seq_len} (or () for off)")
+    if data_cfg.packing:
+        raise ValueError("config.data.length_buckets needs config.data.packing=False (packed "
+                         "rows are full already)")
+    return tuple(int(b) for b in buckets)
+
+
+class _EncodeBucketed(grain.transforms.MapWithIndex):
+    """Window k of the global example stream (`num_batches` global batches of examples) ->
+    this process's `num_batches` batches, each padded to a length bucket's width.
+
+    The window's examples are stably sorted by the smallest bucket that fits them and cut
+    into global batches of `rows * process_count` examples, so every example of the window
+    lands in exactly one batch, which is padded to the bucket of its longest row (only the
+    at most len(buckets) - 1 batches straddling two buckets mix them). The batches come out
+    in a permutation seeded by (seed, k): deterministic, and resumable with the iterator.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, buckets: tuple[int, ...], num_batches: int,
+                 rows: int, process: tuple[int, int], labels: bool, seed: int):
+        self._tok, self._buckets, self._num_batches = tokenizer, np.array(buckets), num_batches
+        self._rows, (self._p, self._n), self._labels, self._seed = rows, process, labels, seed
+
+    def map_with_index(self, k: int, examples: list[dict]) -> list[dict[str, np.ndarray]]:
+        rows = _encode(self._tok, [ex["text"] for ex in examples], int(self._buckets[-1]))
+        bucket = np.searchsorted(self._buckets, [len(r) for r in rows])  # Smallest that fits.
+        order = np.argsort(bucket, kind="stable")  # Keeps the shuffled order within a bucket.
+        global_rows = self._rows * self._n
+        batches = []
+        for b in range(self._num_batches):
+            chosen = order[b * global_rows:(b + 1) * global_rows][self._p::self._n]
+            width = int(self._buckets[bucket[order[(b + 1) * global_rows - 1]]])  # Global max.
+            batches.append(_padded_batch([rows[i] for i in chosen], [examples[i] for i in chosen],
+                                         width, self._tok.pad_id, self._labels))
+        permutation = np.random.default_rng([self._seed, k]).permutation(self._num_batches)
+        return [batches[i] for i in permutation]
 
 
 class _EncodeChunk(grain.transforms.Map):
@@ -193,6 +250,9 @@ def make_train_iterator(
     (train/data/sampling.py).
 
     Every process reads a disjoint 1/process_count slice of the shuffled stream.
+    `data_cfg.length_buckets` (e.g. (16, 32, 48)): each batch is padded to the smallest of
+    these widths that fits its rows, not to seq_len (`_EncodeBucketed`); still `batch_size`
+    rows, the same examples in a slightly different order.
     `with_labels`: None -> labels iff the source is labelled and packing is off;
     True -> require them (error if packing); False -> never.
     Defaults for process_index/count: jax.process_index() / jax.process_count().
@@ -214,12 +274,22 @@ def make_train_iterator(
     elif with_labels and not labelled:
         raise ValueError("with_labels=True but the source has no labels")
 
+    buckets = check_length_buckets(data_cfg)
     ds = _example_stream(source, data_cfg, _train_seed(seed, data_cfg), labelled)
-    ds = ds[p::n]  # Shard after shuffle+repeat: disjoint across processes in every epoch.
-    if not data_cfg.packing:
+    if buckets:
+        # Every process reads the same global window (so all agree on each batch's width)
+        # and keeps its slice of each global batch: disjoint across processes.
+        ds = ds.batch(_BUCKET_WINDOW * batch * n, drop_remainder=True, batch_fn=list)
+        it = ds.map_with_index(_EncodeBucketed(
+            tokenizer, buckets, _BUCKET_WINDOW, batch, (p, n), with_labels,
+            _train_seed(seed, data_cfg))).to_iter_dataset(_READ)
+        it = grain.experimental.FlatMapIterDataset(it, _Unchunk(_BUCKET_WINDOW))
+    elif not data_cfg.packing:
+        ds = ds[p::n]  # Shard after shuffle+repeat: disjoint across processes in every epoch.
         ds = ds.batch(batch, drop_remainder=True, batch_fn=list)
         it = ds.map(_EncodePadded(tokenizer, data_cfg.seq_len, with_labels)).to_iter_dataset(_READ)
     else:
+        ds = ds[p::n]
         # Encode in chunks (fast), then feed examples one by one to grain's first-fit packer.
         ds = ds.batch(_PACK_CHUNK, drop_remainder=True, batch_fn=list)
         it = ds.map(_EncodeChunk(tokenizer, data_cfg.seq_len)).to_iter_dataset(_READ)
