@@ -7,9 +7,19 @@ log-probability as the assistant's answer (its tokens and the end-of-turn token)
 most likely label wins, so every answer is a valid label and no parsing is involved.
 Demonstrations are drawn with a fixed seed, the same for every query at a given k, and
 balanced over the labels; evaluation examples are balanced too (chance = 1 / labels).
+
+The weight-update comparison: `fine_tune` trains a PEFT method (LoRA) through the one
+trainer builder on n of the same training examples (`pos_demonstrations(train, n)`: for
+n = k the k-shot prompt's own), loss on the label and its end-of-turn token after the
+zero-shot prompt (`label_batch`), then `evaluate_k_shot(..., k=0)` scores it by the same
+constrained choice on the same test glosses. Intervals: Wilson for proportions,
+percentile bootstrap for means of other per-example scores and paired differences, the
+exact McNemar test for paired 0/1 outcomes (used by retrieval/in_context_qa.py, k-shot
+WordNet QA, which lives above train/).
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -72,23 +82,95 @@ def choose(model, params, tok, prompts_ids, choices=CHOICES):
     return out
 
 
-def evaluate_k_shot(model, params, tok, train, test, k, seed=0):
-    """Accuracy (and its 95% Wilson interval) of k-shot constrained choice on `test`."""
+def pos_demonstrations(train, k, seed=0):
+    """k examples of `train` (the training split) drawn with `seed` + k, balanced over the
+    labels (max(1, k // 4) of each, the first k kept), shuffled: the same for every query."""
+    if not k:
+        return []
     rng = np.random.default_rng(seed + k)
     per_label = max(1, k // len(CHOICES))
-    demos = []
-    if k:
-        pools = {c: [e for e in train if e.label == c] for c in CHOICES}
-        demos = [pools[c][i] for c in CHOICES
-                 for i in rng.choice(len(pools[c]), per_label, replace=False)][:k]
-        demos = [demos[i] for i in rng.permutation(len(demos))]
+    pools = {c: [e for e in train if e.label == c] for c in CHOICES}
+    demos = [pools[c][i] for c in CHOICES
+             for i in rng.choice(len(pools[c]), per_label, replace=False)][:k]
+    return [demos[i] for i in rng.permutation(len(demos))]
+
+
+def evaluate_k_shot(model, params, tok, train, test, k, seed=0):
+    """Accuracy (and its 95% Wilson interval) of k-shot constrained choice on `test`;
+    "correct": each test example's 0/1, for paired comparisons between rows."""
+    demos = pos_demonstrations(train, k, seed)
     prompts = [tok.encode(tok.apply_chat_template(chat_messages(demos, q))) for q in test]
     scores = choose(model, params, tok, prompts)
     predicted = [CHOICES[j] for j in scores.argmax(1)]
-    correct = int(sum(p == q.label for p, q in zip(predicted, test)))
+    hits = [int(p == q.label) for p, q in zip(predicted, test)]
+    correct = sum(hits)
     return {"k": k, "accuracy": correct / len(test), "interval": wilson(correct, len(test)),
-            "examples": len(test), "predicted": {c: predicted.count(c) for c in CHOICES}}
+            "examples": len(test), "predicted": {c: predicted.count(c) for c in CHOICES},
+            "correct": hits}
 
+
+# --- LoRA fine-tuning on the same examples ------------------------------------------------
+
+def label_batch(tok, examples, seq_len):
+    """Examples -> one prefix-LM batch (train/tasks/prefix_lm_examples.py's fields): the
+    zero-shot ChatML prompt (`chat_messages([], example)`, what the fine-tuned model is
+    asked), then the label's tokens and the end-of-turn token, the only positions with
+    loss: what `choose` scores. Rows right-padded to `seq_len`; a longer one is an error."""
+    tokens = np.full((len(examples), seq_len), tok.pad_id, np.int32)
+    prefix_mask = np.zeros(tokens.shape, bool)
+    target_weights = np.zeros(tokens.shape, np.float32)
+    lengths = np.zeros((len(examples),), np.int32)
+    for i, example in enumerate(examples):
+        prompt = list(tok.encode(tok.apply_chat_template(chat_messages([], example))))
+        row = prompt + list(tok.encode(example.label)) + [tok.eos_id]
+        if len(row) > seq_len:
+            raise ValueError(f"The gloss {example.text[:40]!r} takes {len(row)} tokens with "
+                             f"its prompt and label; seq_len={seq_len}")
+        tokens[i, :len(row)], lengths[i] = row, len(row)
+        prefix_mask[i, :len(prompt)] = True
+        target_weights[i, len(prompt) - 1:len(row) - 1] = 1.0  # Position j predicts j + 1.
+    real = np.arange(seq_len)[None, :] < lengths[:, None]
+    return {"tokens": tokens, "segment_ids": real.astype(np.int32),
+            "positions": np.where(real, np.arange(seq_len)[None, :], 0).astype(np.int32),
+            "prefix_mask": prefix_mask,
+            "targets": np.concatenate([tokens[:, 1:], np.full((len(examples), 1), tok.pad_id,
+                                                              np.int32)], axis=1),
+            "target_weights": target_weights,
+            "example_weight": np.ones((len(examples),), np.float32)}
+
+
+def fine_tune(config, tok, examples, seed=0, on_step=None):
+    """Fine-tunes `config`'s model (a prefix_lm decoder config with a PEFT method, e.g.
+    configs/decoder.py:method=lora; config.init_from its weights) on `examples` for
+    config.train.num_steps steps of config.data.batch_size rows, seeded epoch shuffles,
+    through the one trainer builder's compiled step (no checkpoints, no evaluation);
+    `on_step(step, loss)` after each. -> (model, params, per-step losses)."""
+    import jax
+
+    from train.init_from import init_params_from
+    from train.trainer import build_trainer
+
+    trainer = build_trainer(config)
+    state = trainer.init_state()
+    if config.init_from:
+        params, _ = init_params_from(config.init_from, state.params)
+        state = state.replace(params=params, opt_state=trainer.init_opt_state(params))
+    rng, order, losses = np.random.default_rng(seed), [], []
+    rows = config.data.batch_size
+    with trainer.context():
+        for step in range(config.train.num_steps):
+            while len(order) < rows:  # Whole epochs, each shuffled.
+                order += list(rng.permutation(len(examples)))
+            chosen, order = order[:rows], order[rows:]
+            batch = label_batch(tok, [examples[i] for i in chosen], config.data.seq_len)
+            state, metrics = trainer.train_step(state, trainer.global_batch(batch))
+            losses.append(float(metrics["loss"]))
+            if on_step:
+                on_step(step, losses[-1])
+    return trainer.model, jax.tree.map(np.asarray, state.params), losses
+
+
+# --- Intervals ----------------------------------------------------------------------------
 
 def wilson(successes, n, z=1.96):
     """The Wilson score interval of a binomial proportion (95% at z = 1.96)."""
@@ -98,3 +180,37 @@ def wilson(successes, n, z=1.96):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, float(centre - half)), min(1.0, float(centre + half)))
+
+
+def bootstrap_interval(values, resamples=2000, seed=0, level=0.95):
+    """The percentile bootstrap interval of the mean of `values` (per-example scores,
+    e.g. token F1): `resamples` resamples of the examples with replacement, `seed`ed."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return (0.0, 1.0)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (resamples, values.size))].mean(1)
+    tail = (1 - level) / 2 * 100
+    return (float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
+
+
+def paired_difference(a, b, resamples=2000, seed=0, level=0.95):
+    """mean(a) - mean(b) of paired per-example scores (the same examples under two
+    settings) and its percentile bootstrap interval (examples resampled together): an
+    interval excluding 0 is a significant difference at that level."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"Paired scores differ in shape: {a.shape} vs {b.shape}")
+    low, high = bootstrap_interval(a - b, resamples, seed, level)
+    return float(a.mean() - b.mean()), (low, high)
+
+
+def mcnemar_exact(a, b):
+    """Two-sided exact McNemar test of paired 0/1 outcomes (the same examples under two
+    settings): the p-value of the discordant pairs' split under a fair coin. The
+    bootstrap is too optimistic on a handful of discordant pairs; this is exact."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
