@@ -219,14 +219,19 @@ def test_prefix_mlp_folds_into_plain_prefixes():
     assert folded_cfg.prefix_mlp_dim == 0 and "prefix_mlp" not in folded["encoder"]
     assert sum(x.size for x in jax.tree_util.tree_leaves(without(
         folded, r"(?!.*prefix_(key|value)).*"))) == NEW_PARAMS["prefix_tuning"]
-    plain = model_cfg(prefix_length=3)
+    # The MLP's output layer reaches every layer's prefixes (it is not a no-op).
+    assert_folded_matches(cfg, params, folded, model_cfg(prefix_length=3),
+                          r"encoder/prefix_mlp/output/kernel")
+
+
+def assert_folded_matches(cfg, params, folded, plain, output_kernel):
+    """`folded` has the plain config's structure and gives `cfg`'s outputs, and doubling
+    the reparameterisation's `output_kernel` changes them (it is not a no-op)."""
     assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(init(plain))
     want, got = forward(cfg, params), forward(plain, folded)
     for name in ("hidden", "classify"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
-    # The MLP's output layer reaches every layer's prefixes (it is not a no-op).
-    moved = forward(cfg, replace_leaves(params, r"encoder/prefix_mlp/output/kernel",
-                                        lambda p, x: 2 * x))
+    moved = forward(cfg, replace_leaves(params, output_kernel, lambda p, x: 2 * x))
     assert not np.allclose(moved["hidden"], want["hidden"], atol=1e-4)
 
 
@@ -247,12 +252,6 @@ def test_p_tuning_prompt_encoder_trains_alone_and_folds_into_plain_prompts():
         p for p in mask if p.startswith(("encoder/prompt_encoder/", "classify_head/"))}
     folded, folded_cfg = fold_prompt_encoder(params, resolve(cfg))
     assert folded_cfg.prompt_encoder_dim == 0 and "prompt_encoder" not in folded["encoder"]
-    plain = model_cfg(prompt_length=5)
-    assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(init(plain))
-    want, got = forward(cfg, params), forward(plain, folded)
-    for name in ("hidden", "classify"):
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
     # The encoder's output layer reaches the prompts (it is not a no-op).
-    moved = forward(cfg, replace_leaves(params, r"encoder/prompt_encoder/output/kernel",
-                                        lambda p, x: 2 * x))
-    assert not np.allclose(moved["hidden"], want["hidden"], atol=1e-4)
+    assert_folded_matches(cfg, params, folded, model_cfg(prompt_length=5),
+                          r"encoder/prompt_encoder/output/kernel")
