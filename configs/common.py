@@ -287,6 +287,10 @@ def base_config():
             generator_strategy="greedy",
             generator_temperature=1.0,
             generator_top_p=1.0,
+            # A chat generator also answers with k demonstrations from the training split
+            # (retrieval/in_context_qa.py), closed-book and with the exact top-k passages:
+            # results.json's "in_context", the stages' in-context-learning row. 0: off.
+            in_context_k=0,
         )
     )
 
@@ -304,6 +308,26 @@ def base_config():
             train_distractors="random",
             recall_at=(1, 5, 20),
             encode_batch_size=64,
+        )
+    )
+
+    # Post-training after SFT (task="grpo" | "dpo", configs/post_train.py,
+    # train/post_training/run.py).
+    c.post_train = ml_collections.ConfigDict(
+        dict(
+            reward="exact_match",  # train/post_training/rewards.py: exact_match | gold_contained
+            format_reward=0.1,  # Weight of the format bonus (finished, one short line).
+            group_size=4,  # GRPO's G: completions sampled per prompt (>= 2).
+            prompts_per_step=2,  # GRPO: prompts per step (rows = prompts * G).
+            max_new_tokens=16,
+            temperature=1.0,  # Sampling (GRPO's rollouts, DPO's pairs).
+            top_p=1.0,
+            clip_eps=0.2,  # GRPO's ε: the policy ratio is clipped to [1 - ε, 1 + ε].
+            kl_coef=0.04,  # GRPO's β: weight of the k3 KL penalty to the reference.
+            dpo_beta=0.1,  # DPO's β.
+            pairs_file="",  # DPO: jsonl {question, passages, chosen, rejected}; "" builds
+            max_pairs=64,  # ...from the start policy's samples on this many examples.
+            eval_questions=80,  # Held-out (test split) questions evaluated greedily.
         )
     )
 

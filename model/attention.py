@@ -97,14 +97,7 @@ def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_
         return jax.nn.dot_product_attention(query, key, value, mask=mask).astype(dtype)
     kv = "bhkd" if kv_heads_first else "bkhd"  # The keys' and values' einsum axes.
     depth, (batch, q_len, heads, _) = query.shape[-1], query.shape
-    kv_heads = key.shape[kv.index("h")]
-    query = query / jnp.sqrt(depth).astype(query.dtype)
-    # Grouped-query attention: query head h reads key/value head h // (heads / kv_heads),
-    # computed per group without copying the keys and values.
-    query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, depth)
-    logits = jnp.einsum(f"bqhgd,{kv}->bhgqk", query, key).astype(jnp.float32)
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = _grouped_weights(query, key, mask, kv_heads_first)
     if use_dropout:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = weights * keep / (1.0 - dropout_rate)
@@ -112,6 +105,30 @@ def dot_product_attention(query, key, value, mask, *, dropout_rng=None, dropout_
     # this product with a transposed operand, 1.5x slower per decoding step.
     out = jnp.einsum(f"bhgqk,{kv}->bhgqd", weights.astype(dtype), value)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, depth)
+
+
+def _grouped_weights(query, key, mask, kv_heads_first=False):
+    """Softmax attention probabilities, float32 [batch, kv_heads, group, q_len, k_len].
+
+    Grouped-query attention: query head h reads key/value head h // group (group =
+    heads / kv_heads), computed per group without copying the keys and values.
+    """
+    kv = "bhkd" if kv_heads_first else "bkhd"
+    depth, (batch, q_len, heads, _) = query.shape[-1], query.shape
+    kv_heads = key.shape[kv.index("h")]
+    query = query / jnp.sqrt(depth).astype(query.dtype)
+    query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, depth)
+    logits = jnp.einsum(f"bqhgd,{kv}->bhgqk", query, key).astype(jnp.float32)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def attention_weights(query, key, mask, kv_heads_first=False):
+    """The explicit softmax(q k^T / sqrt(d)) the "xla" path computes, whatever kernel ran:
+    float32 [batch, heads, q_len, k_len] (query head order; no dropout)."""
+    weights = _grouped_weights(query, key, mask, kv_heads_first)
+    batch, kv_heads, group, q_len, k_len = weights.shape
+    return weights.reshape(batch, kv_heads * group, q_len, k_len)
 
 
 def repeat_kv(x, heads):
@@ -343,6 +360,12 @@ class MultiHeadAttention(nn.Module):
             deterministic=deterministic, dtype=self.dtype, impl=impl,
             segment_ids=segment_ids, mask_mode=self.mask_mode, kv_heads_first=decode,
         )
+        if self.is_mutable_collection("intermediates"):
+            # Opt-in (apply(..., mutable=["intermediates"])), for explanations (attention
+            # rollout): the explicit weights even when a fused kernel ran. Compiled train
+            # and eval steps never make the collection mutable, so they never compute it.
+            self.sow("intermediates", "attention_weights",
+                     attention_weights(query, key, mask, kv_heads_first=decode))
         out = nn.with_logical_constraint(out, axes)
         return Linear((embed,), ("heads", "kv", "embed"), in_ndim=2, init=self.init,
                       init_std=self.init_std, dtype=self.dtype,

@@ -56,6 +56,16 @@ DEFAULTS = dict(
     # folded into plain prefixes after training (model/prefix.py). 0 = free prefixes.
     prefix_mlp_dim=0,
     adapter_dim=0,  # Houlsby adapters' bottleneck width; 0 = off.
+    # Task routing (model/multitask.py): > 0 stacks the adapters and the classification
+    # head on a leading axis of this many tasks; each row picks its task's by `task_ids`.
+    num_tasks=0,
+    task_classes=(),  # Each task's class count (num_classes = their max).
+    # Image input (ViT; model/patches.py): > 0 makes the encoder's input pixels [batch,
+    # height, width, channels] (floats), cut into patch_size x patch_size patches,
+    # projected, after a learned [CLS]; 0 = token ids. position_embedding "learned" or
+    # "sincos2d" (MAE's fixed 2-D table); heads "classify" and "pixels" (masked patches).
+    patch_size=0,
+    image_shape=(0, 0, 0),  # (height, width, channels) of every input image.
 )
 
 

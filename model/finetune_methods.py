@@ -30,7 +30,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-EMBEDDINGS = r"encoder/(token_embed|position_embed|type_embed|embed_norm)/.*"
+EMBEDDINGS = r"encoder/(token_embed|patch_embed|position_embed|type_embed|embed_norm)/.*"
 HEAD = r"classify_head/.*"  # The classification head: pooler + classifier.
 NORMS = r".*norm/(scale|bias)"
 ADAPTERS = r"encoder/block_\d+/(attention|mlp)_adapter/.*"

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from model import initializers, lora
+from model import initializers, lora, multitask, patches
 from model.attention import Linear, MultiHeadAttention, make_attention_mask
 
-HEADS = ("classify", "mlm", "lm")
+HEADS = ("classify", "mlm", "lm", "pixels")
+IMAGE_HEADS = ("classify", "pixels")  # What an image encoder (patch_size > 0) feeds.
 # Which activations a rematerialised block keeps for the backward pass (None: none).
 REMAT_POLICIES = {
     "none": None,
@@ -117,7 +118,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, deterministic=True, decode=False, prefix_kv=None,
-                 segment_ids=None, positions=None):
+                 segment_ids=None, positions=None, task_ids=None):
         cfg = self.cfg
         attention = MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=cfg.max_len,
@@ -134,33 +135,86 @@ class Block(nn.Module):
             h = attention(layer_norm(cfg, "attention_norm")(x), mask,
                           deterministic=deterministic, decode=decode, prefix_kv=prefix_kv,
                           segment_ids=segment_ids, positions=positions)
-            x = x + drop(self.adapt(h, "attention_adapter"), deterministic=deterministic)
+            x = x + drop(self.adapt(h, "attention_adapter", task_ids),
+                         deterministic=deterministic)
             h = mlp(layer_norm(cfg, "mlp_norm")(x), deterministic)
-            x = x + drop(self.adapt(h, "mlp_adapter"), deterministic=deterministic)
+            x = x + drop(self.adapt(h, "mlp_adapter", task_ids), deterministic=deterministic)
         else:
             h = attention(x, mask, deterministic=deterministic, decode=decode,
                           prefix_kv=prefix_kv, segment_ids=segment_ids, positions=positions)
-            h = self.adapt(h, "attention_adapter")
+            h = self.adapt(h, "attention_adapter", task_ids)
             x = layer_norm(cfg, "attention_norm")(x + drop(h, deterministic=deterministic))
-            h = self.adapt(mlp(x, deterministic), "mlp_adapter")
+            h = self.adapt(mlp(x, deterministic), "mlp_adapter", task_ids)
             x = layer_norm(cfg, "mlp_norm")(x + drop(h, deterministic=deterministic))
         return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
 
-    def adapt(self, h, name):
+    def adapt(self, h, name, task_ids=None):
         """A sub-layer's output [batch, seq, embed] through its adapter, if any (Houlsby
-        places one after attention and one after the MLP, before the residual)."""
-        return Adapter(self.cfg, name=name)(h) if self.cfg.adapter_dim else h
+        places one after attention and one after the MLP, before the residual); with
+        cfg.num_tasks, each row's task's adapter (model/multitask.py)."""
+        if not self.cfg.adapter_dim:
+            return h
+        if self.cfg.num_tasks:
+            task_ids = multitask.task_ids_or_fail(self, task_ids, h.shape[0])
+            return multitask.TaskAdapter(self.cfg, name=name)(h, task_ids)
+        return Adapter(self.cfg, name=name)(h)
 
 
-POSITION_EMBEDDINGS = ("learned", "rope")
+POSITION_EMBEDDINGS = ("learned", "rope", "sincos2d")
 
 
-def uses_rope(cfg) -> bool:
+def position_kind(cfg) -> str:
     kind = getattr(cfg, "position_embedding", "learned")  # Runs saved before it existed.
     if kind not in POSITION_EMBEDDINGS:
         raise ValueError(f"config.model.position_embedding={kind!r}; expected one of "
                          f"{POSITION_EMBEDDINGS}")
-    return kind == "rope"
+    return kind
+
+
+def uses_rope(cfg) -> bool:
+    return position_kind(cfg) == "rope"
+
+
+class PatchEmbed(nn.Module):
+    """ViT's input (Dosovitskiy et al. 2021): pixels [batch, H, W, C] -> [batch, 1 + N,
+    hidden], a learned [CLS] vector then each of the N patches' linear projection
+    (`projection`: p*p*C -> hidden). SimMIM (Xie et al. 2022): the patches at
+    `mask_positions` [batch, P] (sequence indices, 1..N) become the learned `mask` vector.
+    The `mask` parameter exists when the model has the "pixels" head.
+    """
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, pixels, mask_positions=None):
+        cfg = self.cfg
+        if pixels.ndim == 2:  # model_setup's shape-only init passes int ids [batch, seq].
+            pixels = jnp.zeros((pixels.shape[0], *cfg.image_shape), cfg.dtype)
+        if tuple(pixels.shape[1:]) != tuple(cfg.image_shape):
+            raise ValueError(f"pixels of shape {tuple(pixels.shape)}; config.model."
+                             f"image_shape={tuple(cfg.image_shape)} expects [batch, "
+                             f"{', '.join(map(str, cfg.image_shape))}]")
+        x = patches.patchify(pixels.astype(cfg.dtype), cfg.patch_size)
+        x = dense(cfg, cfg.hidden, (None, "embed"), "projection")(x)
+        cls = self.param("cls", initializers.embedding(cfg.init_std, ("embed",)),
+                         (cfg.hidden,), cfg.param_dtype)
+        cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.hidden))
+        x = jnp.concatenate([cls, x], axis=1)
+        if "pixels" in cfg.heads:
+            mask = self.param("mask", initializers.embedding(cfg.init_std, ("embed",)),
+                              (cfg.hidden,), cfg.param_dtype)
+            if mask_positions is not None:
+                rows = jnp.arange(x.shape[0])[:, None]
+                masked = jnp.zeros(x.shape[:2], bool).at[rows, mask_positions].set(True)
+                x = jnp.where(masked[..., None], mask.astype(x.dtype), x)
+        return x
+
+
+def sincos_positions(cfg):
+    """[1 + N, hidden]: zeros for [CLS] (as MAE), then the patches' 2-D sin-cos table."""
+    rows, columns = patches.check_patch_size(cfg.image_shape, cfg.patch_size)
+    table = patches.sincos_2d(rows, columns, cfg.hidden)
+    return jnp.concatenate([jnp.zeros((1, cfg.hidden)), table]).astype(cfg.dtype)
 
 
 class Encoder(nn.Module):
@@ -170,12 +224,16 @@ class Encoder(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.token_embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden, embedding_init=initializers.embedding(
-                cfg.init_std, ("vocab", "embed")),
-            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        )
-        if not uses_rope(cfg):  # RoPE: positions enter in attention, no table.
+        if cfg.patch_size:  # Pixels in: patches instead of a vocabulary.
+            self.patch_embed = PatchEmbed(cfg)
+        else:
+            self.token_embed = nn.Embed(
+                cfg.vocab_size, cfg.hidden, embedding_init=initializers.embedding(
+                    cfg.init_std, ("vocab", "embed")),
+                dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            )
+        # RoPE: positions enter in attention; sincos2d: a fixed table. Neither learns one.
+        if position_kind(cfg) == "learned":
             self.position_embed = nn.Embed(
                 cfg.max_len, cfg.hidden, embedding_init=initializers.embedding(
                     cfg.init_std, ("position", "embed")),
@@ -209,7 +267,8 @@ class Encoder(nn.Module):
         self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
 
     def __call__(self, tokens, *, segment_ids=None, positions=None, token_type_ids=None,
-                 prefix_mask=None, attention_mask=None, deterministic=True, decode=False):
+                 prefix_mask=None, attention_mask=None, deterministic=True, decode=False,
+                 mask_positions=None, task_ids=None):
         """Args (all [batch, seq]): tokens; segment_ids (0 = padding, default: tokens != 0
         is not assumed, every token is real); positions (default 0..seq-1); token types;
         prefix_mask for prefix-LM. `attention_mask` [batch, 1, q, k] overrides the mask
@@ -221,8 +280,16 @@ class Encoder(nn.Module):
         free vectors). Prompts share the segment of the row's first token, so every token
         of that sequence attends to them (causal masks: tokens after them). The output is
         trimmed back to [batch, seq, embed]: heads see the original positions.
+
+        With `cfg.patch_size` > 0 `tokens` are pixels [batch, H, W, C] (floats; gradients
+        w.r.t. them are defined), the sequence is [CLS] + the N patches (seq = 1 + N), and
+        `mask_positions` [batch, P] names the patches SimMIM masks (`PatchEmbed`).
         """
         cfg = self.cfg
+        patch_embeddings = None
+        if cfg.patch_size:
+            patch_embeddings = self.patch_embed(tokens, mask_positions)
+            tokens = jnp.ones(patch_embeddings.shape[:2], jnp.int32)  # Shapes the masks.
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
@@ -241,9 +308,11 @@ class Encoder(nn.Module):
         mask_segment_ids = segment_ids if attention_mask is None else None
         if attention_mask is None:
             attention_mask = make_attention_mask(segment_ids, cfg.attention_mask, prefix_mask)
-        x = self.embed_tokens(tokens)
-        if not uses_rope(cfg):
+        x = self.embed_tokens(tokens) if patch_embeddings is None else patch_embeddings
+        if position_kind(cfg) == "learned":
             x = x + self.position_embed(positions)
+        elif position_kind(cfg) == "sincos2d":
+            x = x + sincos_positions(cfg)[positions]
         if cfg.type_vocab_size:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(tokens)
@@ -260,7 +329,7 @@ class Encoder(nn.Module):
             prefixes = self.prefix_mlp()
         for block, prefix_kv in zip(self.blocks, prefixes):
             x = block(x, attention_mask, deterministic, decode, prefix_kv, mask_segment_ids,
-                      block_positions)
+                      block_positions, task_ids)
         if cfg.norm == "pre":
             x = self.norm(x)
         if cfg.prompt_length:  # Drop the prompts: heads see the input's positions.
@@ -355,6 +424,19 @@ class ClassifyHead(nn.Module):
         return dense(cfg, cfg.num_classes, ("mlp", "classes"), "classifier")(pooled)
 
 
+class PixelHead(nn.Module):
+    """Masked-patch reconstruction (SimMIM's one linear layer): hidden [..., embed] ->
+    a patch's p*p*C (normalised) pixels."""
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, hidden):
+        cfg = self.cfg
+        size = cfg.patch_size * cfg.patch_size * cfg.image_shape[2]
+        return dense(cfg, size, ("embed", None), "reconstruction")(hidden)
+
+
 class MlmHead(nn.Module):
     """BERT's MLM head: dense + gelu + LN, then the decoder tied to the token embedding."""
 
@@ -377,7 +459,8 @@ class Model(nn.Module):
     Returns a dict with "hidden" [batch, seq, embed] and, per head: "classify" [batch,
     classes]; "mlm" [batch, P, vocab] at `mlm_positions` [batch, P] (all positions if
     None: the head is only computed where the loss needs it, as BERT does); "lm"
-    [batch, seq, vocab] (tied, no transform).
+    [batch, seq, vocab] (tied, no transform); "pixels" [batch, P, p*p*C] at
+    `mlm_positions` (image input: those patches are masked in the input too).
     """
 
     cfg: Any
@@ -388,10 +471,13 @@ class Model(nn.Module):
         if unknown:
             raise ValueError(f"config.model.heads has {sorted(unknown)}; expected from {HEADS}")
         self.encoder = Encoder(cfg)
-        if "classify" in cfg.heads:
-            self.classify_head = ClassifyHead(cfg)
+        if "classify" in cfg.heads:  # One head per task with cfg.num_tasks.
+            self.classify_head = (multitask.TaskClassifyHead if cfg.num_tasks
+                                  else ClassifyHead)(cfg)
         if "mlm" in cfg.heads:
             self.mlm_head = MlmHead(cfg)
+        if "pixels" in cfg.heads:
+            self.pixel_head = PixelHead(cfg)
         if "lm" in cfg.heads and not cfg.tie_embeddings:
             self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), init=cfg.init,
                                   init_std=cfg.init_std, dtype=cfg.dtype,
@@ -406,19 +492,23 @@ class Model(nn.Module):
 
     def __call__(self, tokens, *, segment_ids=None, positions=None, token_type_ids=None,
                  prefix_mask=None, attention_mask=None, mlm_positions=None,
-                 deterministic=True, decode=False, heads=None):
+                 deterministic=True, decode=False, heads=None, task_ids=None):
+        """`task_ids` [batch]: each row's task (cfg.num_tasks > 0, model/multitask.py)."""
         hidden = self.encoder(
             tokens, segment_ids=segment_ids, positions=positions,
             token_type_ids=token_type_ids, prefix_mask=prefix_mask,
             attention_mask=attention_mask, deterministic=deterministic, decode=decode,
+            mask_positions=mlm_positions if self.cfg.patch_size else None,
+            task_ids=task_ids,
         )
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(tokens)
+        if segment_ids is None:  # [batch, seq] (image input: seq = 1 + patches).
+            segment_ids = jnp.ones(hidden.shape[:2], jnp.int32)
         outputs = {"hidden": hidden}
         for head in heads or self.cfg.heads:
             if head == "classify":
+                routed = {"task_ids": task_ids} if self.cfg.num_tasks else {}
                 outputs[head] = self.classify_head(hidden, segment_ids,
-                                                   deterministic=deterministic)
+                                                   deterministic=deterministic, **routed)
             elif head == "mlm":
                 selected = hidden
                 if mlm_positions is not None:
@@ -426,6 +516,11 @@ class Model(nn.Module):
                 outputs[head] = self.mlm_head(selected, self.encoder.attend)
             elif head == "lm":
                 outputs[head] = self.lm_logits(hidden)
+            elif head == "pixels":
+                selected = hidden
+                if mlm_positions is not None:
+                    selected = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)
+                outputs[head] = self.pixel_head(selected)
         return outputs
 
 
@@ -443,6 +538,9 @@ def resolve(cfg):
     initializers.base(cfg["init"])  # Fails early on an unknown initialiser.
     lora.check(cfg)
     cfg.setdefault("prompt_encoder_dim", 0)  # Runs saved before P-tuning existed.
+    cfg.setdefault("num_tasks", 0)  # Runs saved before task routing existed.
+    cfg["task_classes"] = tuple(int(c) for c in cfg.get("task_classes", ()))
+    multitask.check(cfg)
     for key in ("prompt_length", "prompt_encoder_dim", "prefix_length", "prefix_mlp_dim",
                 "adapter_dim"):
         if cfg[key] < 0:
@@ -465,7 +563,39 @@ def resolve(cfg):
         raise ValueError(f"config.model.num_kv_heads={cfg['num_kv_heads']} must divide "
                          f"config.model.num_heads={cfg['num_heads']} (grouped-query "
                          f"attention: each key/value head serves a group of query heads)")
+    check_image_input(cfg)
     fields = sorted(cfg)
     frozen = dataclasses.make_dataclass("ModelConfig", fields, frozen=True)(**cfg)
     uses_rope(frozen)  # Fails early on an unknown kind.
     return frozen
+
+
+def check_image_input(cfg):
+    """Image-input fields of a model-config dict, checked (and image_shape made a tuple)
+    in place; a ValueError names the key."""
+    cfg.setdefault("patch_size", 0)  # Runs saved before image input existed.
+    cfg["image_shape"] = tuple(int(v) for v in cfg.get("image_shape", (0, 0, 0)))
+    kind = cfg["position_embedding"]
+    if not cfg["patch_size"]:
+        for what, bad in (("position_embedding='sincos2d'", kind == "sincos2d"),
+                          ("the 'pixels' head", "pixels" in cfg["heads"])):
+            if bad:
+                raise ValueError(f"config.model: {what} needs image input "
+                                 f"(config.model.patch_size > 0)")
+        return
+    rows, columns = patches.check_patch_size(cfg["image_shape"], cfg["patch_size"])
+    if kind not in ("learned", "sincos2d"):
+        raise ValueError(f"config.model.position_embedding={kind!r}; image input "
+                         f"(config.model.patch_size > 0) takes 'learned' or 'sincos2d'")
+    if kind == "learned" and cfg["max_len"] < 1 + rows * columns:
+        raise ValueError(f"config.model.max_len={cfg['max_len']} < 1 + {rows * columns} "
+                         f"patches ([CLS] first) of config.model.image_shape="
+                         f"{cfg['image_shape']} at patch_size={cfg['patch_size']}")
+    others = set(cfg["heads"]) - set(IMAGE_HEADS)
+    if others:
+        raise ValueError(f"config.model.heads has {sorted(others)}, which read a "
+                         f"vocabulary; image input (config.model.patch_size > 0) takes "
+                         f"{IMAGE_HEADS}")
+    if cfg["type_vocab_size"]:
+        raise ValueError("config.model.type_vocab_size must be 0 with image input "
+                         "(config.model.patch_size > 0): there are no segment types")

@@ -130,13 +130,16 @@ def summarise(scores: dict[str, list[float]], baseline: dict | None = None,
 
 
 def run(generator, retriever, questions, train_passages, ks=(0, 1, 3, 8),
-        settings=SETTINGS, passages_per_prompt: int = 2, seed: int = 0, log=print) -> dict:
+        settings=SETTINGS, passages_per_prompt: int = 2, seed: int = 0, log=print,
+        embedded=None) -> dict:
     """Every (setting, k): the test questions answered with k demonstrations.
 
     generator: a ChatGenerator (its model, params, tokenizer, decoding are reused with
     each k's demonstrations); retriever: retrieval/rag.py Retriever over the knowledge
     base (its `passages`); questions {split: [Question]} (test: asked; train: the
-    demonstration pool); train_passages {id: text}: the training questions' passages.
+    demonstration pool); train_passages {id: text}: the training questions' passages;
+    embedded: (ids, vectors) of the knowledge base already embedded by the same retriever
+    (a built index), else every passage is embedded here.
     -> {"rows": [...], "demonstrations": {k: [qid]}, "retrieval": {recall@m}, ...}."""
     from retrieval.chat_generator import ChatGenerator
 
@@ -146,7 +149,11 @@ def run(generator, retriever, questions, train_passages, ks=(0, 1, 3, 8),
     top = {"closed_book": [[] for _ in test]}
     recall = None
     if "retrieval" in settings:
-        vectors = retriever.embed([retriever.passages[i] for i in kb_ids])
+        if embedded is None:
+            vectors = retriever.embed([retriever.passages[i] for i in kb_ids])
+        else:
+            row_of = {str(i): row for row, i in enumerate(embedded[0])}
+            vectors = np.asarray(embedded[1])[[row_of[str(i)] for i in kb_ids]]
         _, ids = ExactIndex(vectors, kb_ids).search(
             retriever.embed([q.question for q in test]), passages_per_prompt)
         top["retrieval"] = [[retriever.passages[str(i)] for i in row] for row in ids]

@@ -253,7 +253,7 @@ def run(config, workdir):
     exact = ExactIndex(index.vectors, index.ids)
     if rc.generator:  # A pre-trained chat decoder, zero-shot: nothing to fit or train.
         return _run_zero_shot(config, workdir, retriever, index, exact, passages, questions,
-                              timings)
+                              train_passages, timings)
     gen, questions, too_long, question_vectors = generator_data(
         config, workdir, retriever, exact, passages, questions, train_passages, timings)
     gen_results = train_generator(gen, workdir, timings)
@@ -298,10 +298,12 @@ def chat_decoding(config) -> dict:
                 top_p=rc.generator_top_p, seed=config.seed)
 
 
-def _run_zero_shot(config, workdir, retriever, index, exact, passages, questions, timings):
+def _run_zero_shot(config, workdir, retriever, index, exact, passages, questions,
+                   train_passages, timings):
     """Stages 5-6 with a pre-trained chat decoder answering from its prompt (no tokenizer
     fitting, no generator data, no training) -> results.json's sections, plus
-    "generator": {"spec", "zero_shot": true}."""
+    "generator": {"spec", "zero_shot": true}, and with config.rag.in_context_k the same
+    questions answered k-shot ("in_context")."""
     rc = config.rag
     with timed(timings, "generator_load_s"):
         rag = rag_lib.Rag(retriever, chat_generator(config))
@@ -322,7 +324,27 @@ def _run_zero_shot(config, workdir, retriever, index, exact, passages, questions
                          if key != "batch_size"}},
         "timings": timings, "samples": samples,
     }
+    if rc.get("in_context_k", 0):
+        with timed(timings, "in_context_s"):
+            results["in_context"] = in_context(rag, questions, train_passages, rc, config.seed,
+                                               (index.ids, index.vectors))
     return write_results(workdir, results)
+
+
+def in_context(rag, questions, train_passages, rc, seed, embedded=None) -> dict:
+    """The test questions answered with rc.in_context_k demonstrations from the training
+    split, closed-book and with the exact top-k passages (retrieval/in_context_qa.py): the
+    zero-shot modes closed_book / rag_exact with only the demonstrations added."""
+    from retrieval import in_context_qa
+
+    out = in_context_qa.run(rag.generator, rag.retriever, questions, train_passages,
+                            ks=(rc.in_context_k,), passages_per_prompt=rc.k, seed=seed,
+                            log=log.info, embedded=embedded)
+    return {"k": rc.in_context_k, "demonstrations": out["demonstrations"][rc.in_context_k],
+            **{row["setting"]: {key: row[key] for key in
+                                ("count", "exact_match", "f1", "gold_contained",
+                                 "prompt_tokens", "seconds")}
+               for row in out["rows"]}}
 
 
 def build_or_load_index(config, workdir, passages, timings):

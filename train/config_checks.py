@@ -21,7 +21,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "optim.schedule": SCHEDULES,
-    "data.source": ("wordnet", "tfds", "local"),
+    "data.source": ("wordnet", "tfds", "local", "images"),
     "data.sampling": SAMPLINGS,
     "optim.regularize_toward": TOWARD,
     "data.tokenizer": ("sentencepiece", "wordpiece", "gguf"),

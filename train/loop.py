@@ -22,9 +22,7 @@ from jax.experimental import multihost_utils
 from train import checkpoints as ckpt
 from train import memory, run_record, tasks
 from train import trainer as trainer_lib
-from train.data import tokenizer as tokenizers
 from train.forgetting import measure_forgetting
-from train.init_from import init_params_from
 from train.metrics_log import MetricsLog, read_metrics
 from train.resume_check import check_resume
 from train.run_files import atomic_write_json, write_results
@@ -79,8 +77,8 @@ def load_data(config) -> RunData:
         multihost_utils.sync_global_devices("strata: data prepared")
     train_source = task.load_split(data_cfg, data_cfg.train_split)
     task.check_source(config, train_source, data_cfg.train_split)
-    tok = tokenizers.get_tokenizer(data_cfg)
-    if tok.vocab_size > config.model.vocab_size:
+    tok = task.tokenizer(data_cfg)
+    if tok is not None and tok.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"The tokenizer has {tok.vocab_size} pieces but config.model.vocab_size="
             f"{config.model.vocab_size}; set it to at least the tokenizer's size")
@@ -104,14 +102,13 @@ def restore_or_init(trainer, checkpoints, data, config, workdir):
         data.train_iter.set_state(data_state)
         log.info("Resumed from step %d in %s", start_step, workdir)
         return state, start_step
-    state = trainer.init_state()
-    if config.init_from:
-        params, init_report = init_params_from(config.init_from, state.params)
-        # Optimizer state starts fresh on the loaded params: the regulariser's anchor
-        # (optim.regularize_toward="init") is what the run starts from, not the init.
-        state = state.replace(params=params, opt_state=trainer.init_opt_state(params))
-        if jax.process_index() == 0:
-            atomic_write_json(os.path.join(workdir, "init_from.json"), init_report)
+    if not config.init_from:
+        return trainer.init_state(), 0
+    # Optimizer state starts fresh on the loaded params: the regulariser's anchor
+    # (optim.regularize_toward="init") is what the run starts from, not the init.
+    state, init_report = trainer.init_state_from(config.init_from)
+    if jax.process_index() == 0:
+        atomic_write_json(os.path.join(workdir, "init_from.json"), init_report)
     return state, 0
 
 
@@ -362,7 +359,7 @@ def train(config, workdir, data, trainer, results_file=True):
             while step < num_steps and not stopped:
                 local = next(data.train_iter)
                 batch = trainer.global_batch(local)
-                shape = local["tokens"].shape
+                shape = local[data.task.input_field].shape
                 if shape not in compiled:  # Compiled ahead once a shape: XLA's memory figure.
                     compiled[shape] = trainer.compile_train_step(state, batch)
                 with trainer.context():

@@ -60,6 +60,44 @@ class Classification:
 
 
 @dataclasses.dataclass(frozen=True)
+class MultiTaskClassification:
+    """Classification over several tasks at once (model/multitask.py routes each row by
+    `task_ids` [batch] to its task's adapters and head, whose logits beyond the task's
+    classes are already masked out). The loss is the plain mean over rows of every task;
+    metrics are kept per task: "accuracy/<task>" (and "loss/<task>") in finalize, with
+    "accuracy" the mean over tasks present in the batch (macro over tasks).
+    """
+
+    task_names: tuple
+    heads: tuple = ("classify",)
+
+    def loss(self, outputs, batch):
+        logits = outputs["classify"].astype(jnp.float32)
+        labels, real = batch["labels"], batch["example_weight"].astype(jnp.float32)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        # [batch, tasks]: each real row's weight in its task's column.
+        by_task = jax.nn.one_hot(batch["task_ids"], len(self.task_names)) * real[:, None]
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        sums = {"task_correct": correct @ by_task, "task_examples": by_task.sum(0),
+                "task_loss_sum": per_example @ by_task,
+                "correct": jnp.sum(correct * real), "examples": jnp.sum(real)}
+        return jnp.sum(per_example * real), jnp.sum(real), sums
+
+    def finalize(self, sums):
+        out = {"loss": float(sums["loss_sum"] / max(sums["weight"], 1e-9)),
+               "row_accuracy": float(sums["correct"] / max(sums["examples"], 1e-9))}
+        accuracies = []
+        for t, name in enumerate(self.task_names):
+            examples = float(sums["task_examples"][t])
+            if examples > 0:
+                out[f"accuracy/{name}"] = float(sums["task_correct"][t]) / examples
+                out[f"loss/{name}"] = float(sums["task_loss_sum"][t]) / examples
+                accuracies.append(out[f"accuracy/{name}"])
+        out["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class MaskedLM:
     """BERT's masked-LM loss, computed only at the chosen positions.
 

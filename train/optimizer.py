@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import optax
 
-from train import param_rules, regularizers
+from train import ewc, param_rules, regularizers
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -114,6 +114,9 @@ def make_optimizer(optim_cfg, num_steps, params=None):
         parts.append(regularizers.add_regularization_gradient(
             l2, l1, toward, decayed=decays,
             fresh_pattern=optim_cfg.get("regularize_fresh", regularizers.FRESH_PATTERN)))
+    if optim_cfg.get("ewc_strength", 0.0):  # EWC's penalty gradient (train/ewc.py), too.
+        parts.append(ewc.add_ewc_gradient(float(optim_cfg.ewc_strength),
+                                          optim_cfg.get("ewc_fisher", "")))
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
     parts.append(OPTIMIZERS[optim_cfg.name](optim_cfg, schedule))

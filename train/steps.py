@@ -17,7 +17,8 @@ class TrainState:
 
 def model_inputs(batch):
     """The keyword arguments `Model.__call__` takes from a batch."""
-    keys = ("segment_ids", "positions", "token_type_ids", "prefix_mask", "mlm_positions")
+    keys = ("segment_ids", "positions", "token_type_ids", "prefix_mask", "mlm_positions",
+            "task_ids")
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -25,7 +26,9 @@ def model_rows(batch):
     """-> (tokens, model inputs) the model runs on. A batch of (query, passage) pairs
     (task "retriever", train/tasks/pairs.py) runs both sides in one pass: [2 * batch, seq],
     queries first; the `passage_*` fields hold the passages' inputs."""
-    tokens, inputs = batch["tokens"], model_inputs(batch)
+    # Image tasks' input is `pixels` [batch, H, W, C] (train/tasks/classify_image.py).
+    tokens = batch["pixels"] if "pixels" in batch else batch["tokens"]
+    inputs = model_inputs(batch)
     if "passage_tokens" in batch:
         tokens = jnp.concatenate([tokens, batch["passage_tokens"]])
         inputs = {k: jnp.concatenate([v, batch[f"passage_{k}"]]) for k, v in inputs.items()}

@@ -20,6 +20,7 @@ from train import checkpoints as ckpt
 from train import flops, model_setup, partitioning, tasks
 from train.data import pipeline
 from train.optimizer import optimizer_state_bytes
+from train.param_rules import path_string
 from train.steps import make_eval_step, make_train_step
 from train.unfreezing import unfreeze_steps
 
@@ -100,6 +101,39 @@ class Trainer:
         return model_setup.init_train_state(self.model, self.setup.tx,
                                             self.config.data.seq_len, seed, self.shardings)
 
+    def init_params(self, paths, seed=None):
+        """{path: fresh value} of just the parameters at `paths`, as `init_state` would draw
+        them (flax derives each one's key from its name), each shard where it lives. XLA
+        drops the rest of the init: a checkpoint's 135M weights are not first drawn at
+        random only to be overwritten."""
+        seed = self.config.seed if seed is None else seed
+        init_fn = model_setup.make_init_fn(self.model, self.setup.tx, self.config.data.seq_len)
+        shardings = dict(_flat(self.shardings.params))
+        paths = sorted(paths)
+
+        def pick(key):
+            params = dict(_flat(nn.unbox(init_fn(key)).params))
+            return {path: params[path] for path in paths}
+
+        return jax.jit(pick, out_shardings={p: shardings[p] for p in paths})(
+            jax.random.key(seed))
+
+    def init_state_from(self, init_from, seed=None):
+        """-> (fresh state with `init_from`'s parameters loaded, init_from's report): equal
+        to `init_state` followed by loading, without drawing the loaded weights first."""
+        from train.init_from import init_params_from
+
+        abstract = self.abstract_state()
+        loaded, report = init_params_from(init_from, abstract.params)  # Missing: abstract.
+        fresh = self.init_params(report["initialised"], seed)
+        params = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(loaded),
+            [fresh[path] if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
+             for path, leaf in _flat(loaded)])
+        step = jax.device_put(np.zeros((), np.int32), self.shardings.step)
+        return abstract.replace(step=step, params=params,
+                                opt_state=self.init_opt_state(params)), report
+
     def init_opt_state(self, params):
         """Fresh optimizer state for `params` (a run starting from loaded weights)."""
         return jax.jit(self.setup.tx.init, out_shardings=self.shardings.opt_state)(params)
@@ -119,6 +153,12 @@ class Trainer:
 
     def mfu(self, tokens_per_s):
         return tokens_per_s * self.flops_per_token / flops.peak_flops(self.mesh.devices.flat)
+
+
+def _flat(tree):
+    """[(parameter path, leaf)] in the tree's order."""
+    return [(path_string(path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def evaluate(eval_step, objective, params, batches, mesh, rules, max_steps=-1):

@@ -16,7 +16,9 @@ written by train/experiments/stages_report.py):
   rag        closed-book vs RAG (exact and ScaNN retrieval) vs oracle passages on WordNet
              knowledge questions, and new facts added to the index without retraining;
              the generator is the pre-trained SmolLM2-135M-Instruct (gguf:smollm2)
-             answering zero-shot from a ChatML prompt with the numbered passages.
+             answering zero-shot from a ChatML prompt with the numbered passages; the
+             same questions again with `in_context_k` demonstrations (in-context
+             learning, closed-book and with the exact top-k passages).
   rag_tuned  (scale=full) the same decoder fine-tuned RAFT style with LoRA on those
              prompts first (configs/rag.py:gen=smollm2,method=lora), asked the same way.
   search     random search over learning rate and steps for LoRA: the best trial picked
@@ -40,11 +42,11 @@ SCALES = {
     # size, MLM steps, supervised steps, batch, seeds, MiniLM, lr_scale, RAG, search.
     "demo": dict(size="tiny", mlm_steps=1200, steps=150, batch=32, seeds=[0],
                  minilm_steps=40, minilm_methods=["lora"], lr_scale=15.0,
-                 rag="runlocal,gen=smollm2", rag_questions=48, rag_tuned="",
+                 rag="runlocal,gen=smollm2", rag_questions=48, rag_tuned="", in_context_k=3,
                  search_trials=3),
     "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=[0, 1, 2],
                  minilm_steps=1500, minilm_methods=["full", "lora"], lr_scale=3.0,
-                 rag="gen=smollm2", rag_questions=2000,
+                 rag="gen=smollm2", rag_questions=2000, in_context_k=3,
                  rag_tuned="gen=smollm2,method=lora", search_trials=8),
 }
 
@@ -99,7 +101,8 @@ def get_ablation(arg=None):
         # `rag_questions` held-out questions in each of the four modes.
         dict(name="rag", title="Closed-book vs retrieval-augmented generation (SmolLM2)",
              config=f"configs/rag.py:{s['rag']}", sweep=dict(seeds=[0]),
-             overrides={"rag.max_eval_questions": s["rag_questions"]}),
+             overrides={"rag.max_eval_questions": s["rag_questions"],
+                        "rag.in_context_k": s["in_context_k"]}),
         *([dict(name="rag_tuned", title="RAG with the decoder fine-tuned RAFT style (LoRA)",
                 config=f"configs/rag.py:{s['rag_tuned']}", sweep=dict(seeds=[0]),
                 overrides={"rag.max_eval_questions": s["rag_questions"]})]

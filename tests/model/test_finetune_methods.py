@@ -36,7 +36,7 @@ CASES = [(m, a) for m in METHODS for a in ["", *VARIANTS.get(m, [])]]
 
 
 # The methods as configs/finetune.py wrote them out before the table: the reference.
-EMBEDDINGS = r"encoder/(token_embed|position_embed|type_embed|embed_norm)/.*"
+EMBEDDINGS = r"encoder/(token_embed|patch_embed|position_embed|type_embed|embed_norm)/.*"
 HEAD, NORMS = r"classify_head/.*", r".*norm/(scale|bias)"
 REFERENCE_PEFT_PARAMS = {
     "lora": r".*/lora_[ab]",

@@ -119,7 +119,6 @@ def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
     """LoRA on SmolLM2 through the one trainer builder and the loop's init_from: one
     RAFT-style step on ChatML rows (answer tokens only in the loss) moves the LoRA factors
     and nothing else (the frozen weights bitwise)."""
-    from train.init_from import init_params_from
     from train.param_rules import param_paths
     from train.tasks import prefix_lm_examples
     from train.trainer import build_trainer
@@ -137,11 +136,9 @@ def test_a_lora_step_on_smollm2_changes_only_lora_parameters(tmp_path):
         * (rows // 2) + [{"question": "Name a color.", "passages": [], "answer": "red"}]
         * (rows % 2))
     trainer = build_trainer(config)
-    state = trainer.init_state()
-    params, report = init_params_from(config.init_from, state.params)
+    state, report = trainer.init_state_from(config.init_from)  # As the loop starts.
     assert not report["shape_mismatch"] and len(report["loaded"]) == 272  # The file's all.
     assert all("/lora_" in name for name in report["initialised"])
-    state = state.replace(params=params, opt_state=trainer.init_opt_state(params))
     before = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
     with trainer.context():
         state, metrics = trainer.train_step(state, trainer.global_batch(batch))

@@ -167,6 +167,43 @@ def test_run_asks_every_query_with_the_same_demonstrations_in_its_setting(monkey
     assert [a["qid"] for a in rows["retrieval", 3]["answers"]] == [q.qid for q in test]
 
 
+def test_an_index_s_vectors_replace_embedding_the_knowledge_base(monkeypatch):
+    """rag_run passes its built index's (ids, vectors), in the index's own order: the
+    prompts are the ones embedding every passage again gives, and nothing is embedded
+    but the questions."""
+    kb = {i: _passage(i) for i in IDS if split_of(i) != "validation"}
+    test, train = _questions("test"), _questions("train")
+    prompts = []
+
+    def generate(self, questions, passages):
+        prompts.extend(repr(chat_prompt.chat_messages(q, p, self.demonstrations))
+                       for q, p in zip(questions, passages))
+        return ["x"] * len(questions), [1] * len(questions)
+
+    monkeypatch.setattr(ChatGenerator, "generate", generate)
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(max_len=10_000))
+    generator = ChatGenerator(model, None, _Tokenizer(), max_new_tokens=8, batch_size=4)
+    train_passages = {q.passage_id: _passage(q.passage_id) for q in train}
+    args = (generator, None, {"test": test, "train": train}, train_passages)
+    encoder = _Encoder(kb)
+    fresh = in_context_qa.run(*args[:1], encoder, *args[2:], ks=(2,), log=lambda _: None)
+    expected, prompts[:] = list(prompts), []
+    order = sorted(kb, reverse=True)  # Not the sorted order run() uses.
+    embedded_texts = []
+
+    class Counting(_Encoder):
+        def embed(self, texts):
+            embedded_texts.extend(texts)
+            return super().embed(texts)
+
+    reused = in_context_qa.run(*args[:1], Counting(kb), *args[2:], ks=(2,),
+                               log=lambda _: None,
+                               embedded=(order, encoder.embed([kb[i] for i in order])))
+    assert prompts == expected and len(expected) == 2 * len(test)
+    assert reused["retrieval"] == fresh["retrieval"] == {"exact/recall@2": 1.0}
+    assert not set(embedded_texts) & set(kb.values())  # Questions only.
+
+
 def test_summary_intervals_wilson_for_proportions_bootstrap_for_f1():
     from scipy import stats
 

@@ -147,6 +147,7 @@ def test_zero_shot_smollm2_rag_beats_closed_book_and_uses_new_facts(tmp_path,
     ("k", 0, "config.rag.k=0"),
     ("generator_strategy", "beam", "config.rag.generator_strategy='beam'"),
     ("generator_top_p", 0.0, "generator_top_p=0.0"),
+    ("in_context_k", -1, "config.rag.in_context_k=-1"),
 ])
 def test_bad_rag_settings_fail_at_start_up_naming_the_key(field, value, message):
     from configs import rag as rag_config
@@ -157,6 +158,16 @@ def test_bad_rag_settings_fail_at_start_up_naming_the_key(field, value, message)
     registry.get_task("rag").check(config)
     config.rag[field] = value
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        registry.get_task("rag").check(config)
+
+
+def test_in_context_learning_needs_a_chat_generator():
+    from configs import rag as rag_config
+    from train.tasks import registry
+
+    config = rag_config.get_config("runlocal")  # The prefix-LM generator RAG trains.
+    config.rag.in_context_k = 3
+    with pytest.raises(ValueError, match="in_context_k=3.*zero-shot chat generator"):
         registry.get_task("rag").check(config)
 
 

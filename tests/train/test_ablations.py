@@ -121,6 +121,15 @@ class FakeTrainer:
                        "knowledge_base": {"passages": 1000},
                        "new_information": {"passages": 4, "questions": 4,
                                            "before": {"f1": 0.1}, "after": {"f1": 0.3}}}
+            shots = config.rag.in_context_k
+            if shots:  # The config's k, and figures the report must carry over.
+                results["in_context"] = {"k": shots, **{setting: {
+                    "count": 48, "seconds": 24.0 * (1 + (setting == "retrieval")),
+                    "prompt_tokens": 100.0 + 150 * (setting == "retrieval"),
+                    **{m: {"mean": v, "interval": [0, 1]} for m, v in zip(
+                        ("exact_match", "f1", "gold_contained"), values)}}
+                    for setting, values in (("closed_book", (0.125, 0.2, 0.25)),
+                                            ("retrieval", (0.375, 0.5, 0.625)))}}
         else:
             pretrained = 0.1 if config.get("init_from") else 0.0
             accuracy = (0.3 + 0.2 * config.data.label_fraction + pretrained
@@ -172,6 +181,13 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
     assert "| RAG, ScaNN index | 20.0% | 40.0% | 50.0% |" in report
     assert "closed-book 10.0% → RAG 50.0% (oracle 60.0%); token F1 5.0% → 40.0%" in report
     assert "`gguf:smollm2` zero-shot" in report
+    # In-context learning: the same questions with the config's 3 demonstrations.
+    assert "| closed-book, 3-shot | 12.5% | 20.0% | 25.0% | 2.0 |" in report
+    assert "| RAG, exact search, 3-shot | 37.5% | 50.0% | 62.5% | 1.0 |" in report
+    (icl,) = [line for line in report.splitlines() if line.startswith("| in-context")]
+    assert "3 labelled question/answer demonstrations" in icl
+    assert "100 prompt tokens closed-book, 250 with passages; 0.75 s per question" in icl
+    assert "closed-book 1.0% zero-shot → 12.5% 3-shot; with passages 20.0% → 37.5%" in icl
     # The search's best trial (highest validation accuracy = highest lr here) is bold.
     search = [t for p in parts if p.name == "search" for t in sweeps.enumerate_trials(p.spec)]
     best = max(search, key=lambda t: t.overrides["optim.lr"])

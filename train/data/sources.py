@@ -4,6 +4,8 @@
   * "wordnet": WordNet 3.0 synsets labelled by lexicographer file (built on first use).
   * "tfds":    any tfds dataset already prepared (array_record) in the data dir.
   * "local":   the user's .txt / .jsonl files (built on first use, rebuilt when they change).
+  * "images":  labelled images, {"image": float32 [H, W, C], "label": int}: scikit-learn's
+               digits or `data_cfg.image_dir`'s class folders (train/data/images.py).
 Nothing is downloaded at run time.
 """
 
@@ -20,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from train.data import local_corpus, wordnet
+from train.data import images, local_corpus, wordnet
 from train.data.records import Subset, TfdsSplit, WithExamples
 
 log = logging.getLogger("strata")
-SOURCES = ("wordnet", "tfds", "local")
+SOURCES = ("wordnet", "tfds", "local", "images")
 DEFAULT_DATA_DIR = "~/.cache/strata/tfds"
 _SUBSET_SEED = 0  # label_fraction's subset depends on the fraction only, not the run seed.
 
@@ -61,6 +63,8 @@ def _file_stats(files) -> tuple:
 def builder(data_cfg) -> tfds.core.DatasetBuilder:
     """The prepared tfds builder for `data_cfg` (wordnet/local are built if needed)."""
     source, dd = _check_source(data_cfg), data_dir(data_cfg)
+    if source == "images":
+        return images.builder(data_cfg, dd)
     if source == "wordnet":
         b = wordnet.Wordnet(wordnet_dir=data_cfg.wordnet_dir or None, data_dir=dd)
         if not b.is_prepared():
@@ -106,8 +110,8 @@ def dataset_name(data_cfg) -> str:
     source = _check_source(data_cfg)
     if source == "wordnet":
         name = wordnet.Wordnet.name
-    elif source == "local":
-        name = f"local_{builder(data_cfg).builder_config.name}"  # Includes the fingerprint.
+    elif source in ("local", "images"):  # Includes the fingerprint.
+        name = f"{source}_{builder(data_cfg).builder_config.name}"
     else:
         name = data_cfg.tfds_name
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -165,7 +169,11 @@ def load_split(data_cfg, split: str, *, extra_fields: tuple[str, ...] = ()):
     `src.label_names`). `extra_fields` copies further features by name (e.g. "lemmas").
     On `data_cfg.train_split`, `label_fraction < 1` keeps a deterministic subset,
     stratified by label when labelled (at least one example per class).
+    Source "images": {"image": float32 [H, W, C], "label": int} (train/data/images.py).
     """
+    if _check_source(data_cfg) == "images":
+        return with_label_fraction(images.load_split(data_cfg, split, data_dir(data_cfg)),
+                                   data_cfg, split)
     b = builder(data_cfg)
     labelled, names = _label_info(data_cfg, b)
     if data_cfg.source == "tfds":
@@ -190,6 +198,11 @@ def load_split(data_cfg, split: str, *, extra_fields: tuple[str, ...] = ()):
     )
     if with_examples:
         src = WithExamples(src)
+    return with_label_fraction(src, data_cfg, split)
+
+
+def with_label_fraction(src, data_cfg, split: str):
+    """`src`, or on the train split with `label_fraction < 1` its `subset_indices`."""
     fraction = float(data_cfg.label_fraction)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"config.data.label_fraction={fraction} must be in (0, 1]")
@@ -223,6 +236,8 @@ def label_array(source) -> np.ndarray:
         return label_array(source._source)[source.indices]
     if isinstance(source, WithExamples):
         return label_array(source._source)
+    if isinstance(source, images.ImageSplit):
+        return source.labels
     if isinstance(source, TfdsSplit):
         if source not in _LABELS:
             _LABELS[source] = np.fromiter(

@@ -449,6 +449,14 @@ def _rag_part(runs, part):
              _pct([_value(results, f"{key}/gold_contained")]),
              f"{_value(results, f'{key}/questions_per_s', 0):.1f}")
             for key, label in modes if key in results]
+    shots = results.get("in_context", {})
+    for key, label in (("closed_book", "closed-book"), ("retrieval", "RAG, exact search")):
+        if key in shots:  # The same questions with k demonstrations in the prompt.
+            row = shots[key]
+            rows.append((f"{label}, {shots['k']}-shot", *(
+                _pct([_value(row, f"{m}/mean")]) for m in
+                ("exact_match", "f1", "gold_contained")),
+                f"{row['count'] / max(row['seconds'], 1e-9):.1f}"))
     retrieval = results.get("retrieval", {})
     recall = [(k, f"{100 * v:.1f}%") for k, v in retrieval.items()
               if "recall" in k]
@@ -557,6 +565,20 @@ def _summary(runs, record):
                     f"{_pct([_value(r, 'new_information/before/gold_contained')])} → "
                     f"{_pct([_value(r, 'new_information/after/gold_contained')])} after an "
                     f"index upsert, no retraining")
+    icl_data, icl_compute, icl_flex = "not run", "not run", "not run"
+    shots = rag[0][1].get("in_context") if rag else None
+    if shots:
+        r, k = rag[0][1], shots["k"]
+        icl_data = f"{k} labelled question/answer demonstrations in each prompt"
+        icl_compute = (f"no training; {shots['closed_book']['prompt_tokens']:.0f} prompt "
+                       f"tokens closed-book, {shots['retrieval']['prompt_tokens']:.0f} with "
+                       f"passages; {_time_per_question(shots)}")
+        icl_flex = (f"exact match closed-book "
+                    f"{_pct([_value(r, 'closed_book/exact_match')])} zero-shot → "
+                    f"{_pct([_value(shots, 'closed_book/exact_match/mean')])} {k}-shot; "
+                    f"with passages {_pct([_value(r, 'rag_exact/exact_match')])} → "
+                    f"{_pct([_value(shots, 'retrieval/exact_match/mean')])}; a new task = "
+                    f"new demonstrations")
     return "\n".join([
         "## Summary: the stages side by side",
         "",
@@ -571,8 +593,16 @@ def _summary(runs, record):
              smallest or "not run"),
             ("retrieval-augmented generation", "answer from an updatable knowledge base",
              "question/answer pairs; the KB is unlabeled text", rag_text, rag_flex),
+            ("in-context learning", "steer a pre-trained decoder with examples in its "
+             "prompt, no weight update", icl_data, icl_compute, icl_flex),
         ]),
     ])
+
+
+def _time_per_question(shots):
+    seconds = sum(shots[s]["seconds"] for s in ("closed_book", "retrieval"))
+    count = sum(shots[s]["count"] for s in ("closed_book", "retrieval"))
+    return f"{seconds / max(count, 1):.2f} s per question"
 
 
 def _time(runs, part):

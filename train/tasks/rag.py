@@ -25,6 +25,10 @@ class Rag(Task):
             raise ValueError(f"config.rag.generator_temperature={rc.generator_temperature} / "
                              f"generator_top_p={rc.generator_top_p}; expected temperature "
                              f">= 0 and 0 < top_p <= 1")
+        if rc.get("in_context_k", 0) < 0 or (rc.get("in_context_k", 0) and not rc.generator):
+            raise ValueError(f"config.rag.in_context_k={rc.get('in_context_k')}; expected 0 "
+                             f"(off) or k >= 1 demonstrations for a zero-shot chat generator "
+                             f"(config.rag.generator='gguf:...'; has {rc.generator!r})")
 
 
 register(Rag())

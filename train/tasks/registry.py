@@ -34,6 +34,12 @@ class Task:
     measures_forgetting = False
     # data.prefix_lm_fraction > 0 (UniLM's prefix-LM rows) is honoured.
     mixes_prefix_lm = False
+    # The batch field the model reads as its input (train/steps.py `model_rows`).
+    input_field = "tokens"
+
+    def tokenizer(self, data_cfg):
+        """The tokenizer the iterators take; None when the input is not text (images)."""
+        return tokenizer.get_tokenizer(data_cfg)
 
     # --- Checks -------------------------------------------------------------------------
     def check(self, config) -> None:
