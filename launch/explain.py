@@ -20,33 +20,14 @@ explanations.json, and per example explanation_<i>.html and .png (highlighted to
 for images a heat map). The directory is written whole or not at all.
 """
 
+import argparse
 import dataclasses
 import json
 import logging
 import os
 import sys
 
-from absl import app, flags
 from absl import logging as absl_logging
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A classifier or RAG run directory.")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory to write (must not exist or be "
-                              "empty; never inside --workdir).")
-_TEXT = flags.DEFINE_multi_string("text", [], "A text to classify and explain (repeat).")
-_INDEX = flags.DEFINE_list("index", [], "Indices of --split examples to explain.")
-_SPLIT = flags.DEFINE_string("split", "test", "The split --index reads.")
-_QUESTION = flags.DEFINE_multi_string("question", [], "RAG run: a question (repeat).")
-_K = flags.DEFINE_integer("k", 0, "RAG run: passages to retrieve; 0: config.rag.k.")
-_TARGET = flags.DEFINE_integer("target", None, "Class to explain (default: the predicted).")
-_STEPS = flags.DEFINE_integer("ig_steps", 64, "Integrated gradients: path intervals.")
-_METHOD = flags.DEFINE_enum("ig_method", "trapezoid", ["left", "right", "midpoint",
-                                                       "trapezoid"], "Quadrature rule.")
-_BASELINE = flags.DEFINE_enum("baseline", "pad", ["pad", "zeros"], "Text baseline: every "
-                              "piece [PAD] (specials kept) or zero embeddings. Images: "
-                              "zeros.")
-_TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "Largest relative completeness gap.")
-_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to explain.")
-flags.mark_flags_as_required(["workdir", "output"])
 
 
 def run_kind(workdir):
@@ -233,26 +214,49 @@ def explain_run(workdir, output, *, texts=(), indices=(), questions=(), options=
     return report
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}: texts go in --text")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="A classifier or RAG run directory")
+    parser.add_argument("--output", required=True,
+                        help="Directory to write (must not exist or be empty)")
+    parser.add_argument("--text", action="append", default=[],
+                        help="A text to classify and explain (repeat)")
+    parser.add_argument("--index", default="", help="Indices of --split examples, e.g. 0,5")
+    parser.add_argument("--split", default="test", help="The split --index reads")
+    parser.add_argument("--question", action="append", default=[],
+                        help="RAG run: a question (repeat)")
+    parser.add_argument("--k", type=int, default=0,
+                        help="RAG run: passages to retrieve; 0: config.rag.k")
+    parser.add_argument("--target", type=int, default=None,
+                        help="Class to explain (default: the predicted)")
+    parser.add_argument("--ig_steps", type=int, default=64,
+                        help="Integrated gradients: path intervals")
+    parser.add_argument("--ig_method", default="trapezoid",
+                        choices=("left", "right", "midpoint", "trapezoid"))
+    parser.add_argument("--baseline", default="pad", choices=("pad", "zeros"),
+                        help="Text baseline: pieces -> [PAD] (specials kept), or zero "
+                             "embeddings")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="Largest relative completeness gap")
+    parser.add_argument("--which", default="best", choices=("best", "latest"),
+                        help="Checkpoint to explain")
+    args = parser.parse_args(argv)
     try:
-        indices = [int(i) for i in _INDEX.value]
+        indices = [int(i) for i in args.index.split(",") if i.strip()]
     except ValueError:
-        sys.exit(f"FATAL: --index={','.join(_INDEX.value)}: expected integers")
+        sys.exit(f"FATAL: --index={args.index}: expected integers")
     logging.getLogger("strata").setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-restore INFO lines.
-    options = Options(split=_SPLIT.value, k=_K.value, target=_TARGET.value,
-                      ig_steps=_STEPS.value, ig_method=_METHOD.value,
-                      baseline=_BASELINE.value, tolerance=_TOLERANCE.value,
-                      which=_WHICH.value)
+    options = Options(split=args.split, k=args.k, target=args.target,
+                      ig_steps=args.ig_steps, ig_method=args.ig_method,
+                      baseline=args.baseline, tolerance=args.tolerance, which=args.which)
     try:
-        explain_run(_WORKDIR.value, _OUTPUT.value, texts=_TEXT.value, indices=indices,
-                    questions=_QUESTION.value, options=options)
+        explain_run(args.workdir, args.output, texts=args.text, indices=indices,
+                    questions=args.question, options=options)
     except (OSError, ValueError) as error:
         sys.exit(f"FATAL: {error}")
-    print(f"-> {os.path.abspath(_OUTPUT.value)}")
+    print(f"-> {os.path.abspath(args.output)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -176,3 +176,13 @@ def test_answer_attention_is_the_mean_sown_mass():
     assert np.all(weights[:, :, 1, 4:9] > 0) and np.all(weights[:, :, 10, 11] == 0)
     with pytest.raises(ValueError, match="answer is empty"):
         explain.answer_attention(model, params, ids[:10], 10, spans, prefix_mask=prefix[:10])
+
+
+def test_the_command_line_defines_no_global_flags(tmp_path):
+    """launch.ensemble defines absl flags of the same names (--split, --which, --output);
+    both modules load in one process, and a bad --index is a clear error."""
+    import launch.ensemble  # noqa: F401
+
+    with pytest.raises(SystemExit, match="--index=1,x: expected integers"):
+        launch_explain.main(["--workdir", str(tmp_path), "--output",
+                             str(tmp_path / "out"), "--index", "1,x"])

@@ -232,6 +232,22 @@ def test_bad_config_is_refused_at_start_up(tmp_path, field, value, message):
         config_checks.validate(config)
 
 
+def test_a_restart_under_another_config_is_refused_before_anything_loads(tmp_path):
+    from train import run_record
+    from train.post_training import run as post_run
+    from train.resume_check import ConfigChangedError
+
+    config = toy_setup(tmp_path)
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    run_record.write_run_record(workdir, config)  # What a first start records.
+    config.post_train.kl_coef = 0.5
+    config.data.qa_dir = str(tmp_path / "missing")  # Loading would fail differently.
+    with pytest.raises(ConfigChangedError,
+                       match=r"config.post_train.kl_coef: 0.01 \(recorded\) -> 0.5"):
+        post_run.run(config, workdir, "grpo")
+
+
 def test_rewards_score_like_the_rag_evaluation():
     from retrieval import rag as rag_eval
 

@@ -41,6 +41,7 @@ from train.init_from import init_params_from, load_params, merge_params
 from train.metrics_log import MetricsLog
 from train.param_rules import combine, partition, path_string
 from train.post_training import dpo, grpo, logprobs, rewards, rollout
+from train.resume_check import check_resume
 from train.run_files import atomic_write_json, write_results
 from train.tasks import prefix_lm_examples
 
@@ -393,6 +394,9 @@ def run(config, workdir, algo):
     """Trains `algo` ("grpo" | "dpo") in `workdir`, resuming from its latest checkpoint;
     writes results.json (the start's and the end's evaluation)."""
     check(config)
+    # A restart under another config would continue these checkpoints (and rollouts)
+    # under a different computation: refused before anything loads, as the loop does.
+    check_resume(run_record.read_recorded_config(workdir), config.to_dict(), workdir)
     os.makedirs(workdir, exist_ok=True)
     train_examples = prefix_lm_examples.load_split(config.data, config.data.train_split)
     eval_examples = prefix_lm_examples.load_split(config.data, config.data.test_split)
