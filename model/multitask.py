@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model import initializers
+from model.pooling import pool
 
 
 def check(cfg):
@@ -101,13 +102,7 @@ class TaskClassifyHead(nn.Module):
     def __call__(self, hidden, segment_ids, *, task_ids=None, deterministic=True):
         cfg = self.cfg
         task_ids = task_ids_or_fail(self, task_ids, hidden.shape[0])
-        if cfg.pooling == "cls":
-            pooled = hidden[:, 0]
-        elif cfg.pooling == "mean":
-            weights = (segment_ids == 1).astype(hidden.dtype)[..., None]
-            pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-        else:
-            raise ValueError(f"config.model.pooling={cfg.pooling!r}; expected 'cls' or 'mean'")
+        pooled = pool(hidden, segment_ids, cfg.pooling)
         pooled = jnp.tanh(TaskDense(cfg, cfg.hidden, name="pooler")(pooled, task_ids))
         pooled = nn.Dropout(cfg.dropout)(pooled, deterministic=deterministic)
         logits = TaskDense(cfg, cfg.num_classes, name="classifier")(pooled, task_ids)

@@ -14,6 +14,7 @@ from flax import linen as nn
 
 from model import initializers, lora, multitask, patches
 from model.attention import Linear, MultiHeadAttention, make_attention_mask
+from model.pooling import pool
 
 HEADS = ("classify", "mlm", "lm", "pixels")
 IMAGE_HEADS = ("classify", "pixels")  # What an image encoder (patch_size > 0) feeds.
@@ -411,14 +412,7 @@ class ClassifyHead(nn.Module):
     @nn.compact
     def __call__(self, hidden, segment_ids, *, deterministic=True):
         cfg = self.cfg
-        if cfg.pooling == "cls":
-            pooled = hidden[:, 0]
-        elif cfg.pooling == "mean":
-            # Mean over the first sequence's tokens (segment 1); padding excluded.
-            weights = (segment_ids == 1).astype(hidden.dtype)[..., None]
-            pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-        else:
-            raise ValueError(f"config.model.pooling={cfg.pooling!r}; expected 'cls' or 'mean'")
+        pooled = pool(hidden, segment_ids, cfg.pooling)
         pooled = jnp.tanh(dense(cfg, cfg.hidden, ("embed", "mlp"), "pooler")(pooled))
         pooled = nn.Dropout(cfg.dropout)(pooled, deterministic=deterministic)
         return dense(cfg, cfg.num_classes, ("mlp", "classes"), "classifier")(pooled)

@@ -63,14 +63,20 @@ def encode_texts(config, tokenizer, texts):
     return rows
 
 
-def test_examples(config, split, indices):
-    """-> (texts, labels, label names) of `indices` of the run's `split`."""
+def split_examples(config, split, indices):
+    """-> (examples at `indices` of the run's `split`, the split); an index outside it is
+    an error naming --index."""
     source = sources.load_split(config.data, split)
     for i in indices:
         if not 0 <= i < len(source):
             raise ValueError(f"--index {i} is outside the {split!r} split "
                              f"(0..{len(source) - 1})")
-    examples = [source[i] for i in indices]
+    return [source[i] for i in indices], source
+
+
+def test_examples(config, split, indices):
+    """-> (texts, labels, label names) of `indices` of the run's `split`."""
+    examples, source = split_examples(config, split, indices)
     return ([e["text"] for e in examples], [int(e["label"]) for e in examples],
             getattr(source, "label_names", None))
 

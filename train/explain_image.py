@@ -9,7 +9,7 @@ import numpy as np
 from model import attribution, patches
 from train.data import sources
 from train.ensemble import load_run
-from train.explain import sown_attention
+from train.explain import sown_attention, split_examples
 
 
 def load_image_classifier(workdir, which="best"):
@@ -24,12 +24,7 @@ def load_image_classifier(workdir, which="best"):
 
 def split_images(config, split, indices):
     """-> (images [n] float32 [H, W, C], labels [n], class names or None)."""
-    source = sources.load_split(config.data, split)
-    for i in indices:
-        if not 0 <= i < len(source):
-            raise ValueError(f"--index {i} is outside the {split!r} split "
-                             f"(0..{len(source) - 1})")
-    examples = [source[i] for i in indices]
+    examples, _ = split_examples(config, split, indices)
     return ([np.asarray(e["image"], np.float32) for e in examples],
             [int(e["label"]) for e in examples], sources.label_names(config.data))
 

@@ -301,6 +301,12 @@ def make_train_iterator(
             shuffle_bins=False,  # The input is already shuffled.
         ).map(_rename_packed)
         it = it.batch(batch, drop_remainder=True)
+    return finish_train_iterator(it, data_cfg, transform)
+
+
+def finish_train_iterator(it: grain.IterDataset, data_cfg, transform=None):
+    """Batched rows -> the iterator the loop reads: `transform` (e.g. a task's masking),
+    then data_cfg.worker_count prefetching processes."""
     if transform is not None:
         it = transform(it)
     if data_cfg.worker_count > 0:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import grain
 import numpy as np
-from absl import flags
 
 from model import patches
 from train.data import image_augmentation, pipeline, sources
@@ -58,13 +57,7 @@ def make_train_iterator(source, data_cfg, *, seed: int, with_labels: bool = True
         ds = augment(ds)
     ds = ds[p::n].batch(batch, drop_remainder=True, batch_fn=list)
     it = ds.map(_ImageBatch(with_labels, data_cfg.seq_len)).to_iter_dataset(pipeline._READ)
-    if transform is not None:
-        it = transform(it)
-    if data_cfg.worker_count > 0:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (outside absl.app).
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
-    return iter(it)
+    return pipeline.finish_train_iterator(it, data_cfg, transform)
 
 
 def make_eval_iterator(source, data_cfg, *, with_labels: bool = True, transform=None,
