@@ -324,6 +324,9 @@ def base_config():
             top_p=1.0,
             clip_eps=0.2,  # GRPO's ε: the policy ratio is clipped to [1 - ε, 1 + ε].
             kl_coef=0.04,  # GRPO's β: weight of the k3 KL penalty to the reference.
+            # GRPO's μ: policy updates per rollout (π_old = the sampling policy); each
+            # train step is one rollout, so the optimizer takes num_steps * μ updates.
+            updates_per_rollout=1,
             dpo_beta=0.1,  # DPO's β.
             pairs_file="",  # DPO: jsonl {question, passages, chosen, rejected}; "" builds
             max_pairs=64,  # ...from the start policy's samples on this many examples.

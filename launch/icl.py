@@ -57,7 +57,7 @@ def main(argv=None):
 def run_pos(args):
     from launch.generate import load_decoder
     from retrieval.wordnet_qa import load_synsets
-    from train.experiments import in_context
+    from train.experiments import in_context, statistics
     from train.run_files import atomic_write_json
 
     model, params, tok = load_decoder(args.init_from, max_len=2048)
@@ -77,8 +77,8 @@ def run_pos(args):
     zero_shot = next((r for r in rows if r["k"] == 0 and "lora_examples" not in r), None)
     for row in rows:  # Paired over the same test glosses: significant if 0 is outside.
         if zero_shot is not None and row is not zero_shot:
-            diff, interval = in_context.paired_difference(row["correct"], zero_shot["correct"])
-            p = in_context.mcnemar_exact(row["correct"], zero_shot["correct"])
+            diff, interval = statistics.paired_difference(row["correct"], zero_shot["correct"])
+            p = statistics.mcnemar_exact(row["correct"], zero_shot["correct"])
             row |= {"minus_k0": diff, "minus_k0_interval": interval, "minus_k0_p": p}
             name = f"LoRA n={row['lora_examples']}" if "lora_examples" in row else \
                 f"k={row['k']}"

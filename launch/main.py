@@ -5,6 +5,7 @@ big_vision-style arguments after a colon (`configs/scratch.py:runlocal,size=base
 `--dry_run` builds the model abstractly, writes `W/params.json` and exits.
 `--compile_only [--topology=cpu:8|tpu:v5e:4x4]` compiles the train step for the mesh
 without allocating it, writes `W/compile.json` (per-device memory, compile time), exits.
+Both describe the step the task's run trains with (GRPO's and DPO's own update step).
 Multi-host: every process runs this same command (train/distributed.py connects them).
 
 A run owns its workdir (`W/.lock`): a second run on it fails at once, naming the first.

@@ -37,7 +37,7 @@ from retrieval import rag as rag_lib
 from retrieval.exact import ExactIndex
 from retrieval.wordnet_qa import QUESTION_KINDS
 from train.data.wordnet import split_of
-from train.experiments import in_context as stats
+from train.experiments import statistics as stats
 
 SETTINGS = ("closed_book", "retrieval")
 
@@ -99,14 +99,6 @@ def nearest_distractors(retriever, index, demos, count: int) -> list[list[str]]:
     _, ids = index.search(retriever.embed([q.question for q in demos]), count + 1)
     return [[retriever.passages[str(i)] for i in row if str(i) != q.passage_id][:count]
             for q, row in zip(demos, ids)]
-
-
-def per_question_scores(answers, gold_answers) -> dict[str, list[float]]:
-    """Answer texts [n], gold answer lists [n] -> {metric: per-question scores [n]}."""
-    return {"exact_match": [rag_lib.exact_match(a, g) for a, g in zip(answers, gold_answers)],
-            "f1": [rag_lib.token_f1(a, g) for a, g in zip(answers, gold_answers)],
-            "gold_contained": [rag_lib.gold_contained(a, g)
-                               for a, g in zip(answers, gold_answers)]}
 
 
 def summarise(scores: dict[str, list[float]], baseline: dict | None = None,
@@ -182,7 +174,7 @@ def run(generator, retriever, questions, train_passages, ks=(0, 1, 3, 8),
             start = time.perf_counter()
             answers, _ = asker.generate([q.question for q in test], top[setting])
             seconds = time.perf_counter() - start
-            scores = per_question_scores(answers, gold)
+            scores = rag_lib.per_question_scores(answers, gold)
             row = {"setting": setting, "k": k, "seconds": seconds,
                    "prompt_tokens": float(np.mean([len(asker.prompt_ids(q.question, p))
                                                    for q, p in zip(test, top[setting])])),

@@ -282,13 +282,20 @@ def _citations(ids, scores, count) -> list[tuple[str, float | None]]:
                     else [float(s) for s in list(scores)[:count]]))
 
 
-def score_answers(answers: list[Answer], gold_answers) -> dict:
+def per_question_scores(answers, gold_answers) -> dict[str, list[float]]:
+    """Answer texts [n], gold answer lists [n] -> {metric: per-question scores [n]}: what
+    a paired test between two modes on the same questions needs."""
+    return {"exact_match": [exact_match(a, g) for a, g in zip(answers, gold_answers)],
+            "f1": [token_f1(a, g) for a, g in zip(answers, gold_answers)],
+            "gold_contained": [gold_contained(a, g) for a, g in zip(answers, gold_answers)]}
+
+
+def score_answers(answers: list[Answer], gold_answers, per_question=False) -> dict:
     """Answers [n] and gold answer lists [n] -> {exact_match, f1, gold_contained, count}
-    (means)."""
-    em = [exact_match(a.answer, gold) for a, gold in zip(answers, gold_answers)]
-    f1 = [token_f1(a.answer, gold) for a, gold in zip(answers, gold_answers)]
-    contained = [gold_contained(a.answer, gold) for a, gold in zip(answers, gold_answers)]
-    return {"exact_match": float(np.mean(em)) if em else 0.0,
-            "f1": float(np.mean(f1)) if f1 else 0.0,
-            "gold_contained": float(np.mean(contained)) if contained else 0.0,
-            "count": len(em)}
+    (means), and with `per_question` each metric's per-question scores too."""
+    scores = per_question_scores([a.answer for a in answers], gold_answers)
+    out = {m: float(np.mean(v)) if v else 0.0 for m, v in scores.items()}
+    out["count"] = len(answers)
+    if per_question:
+        out["per_question"] = scores
+    return out

@@ -344,6 +344,8 @@ def in_context(rag, questions, train_passages, rc, seed, embedded=None) -> dict:
             **{row["setting"]: {key: row[key] for key in
                                 ("count", "exact_match", "f1", "gold_contained",
                                  "prompt_tokens", "seconds")}
+                                | {"per_question": {m: [a[m] for a in row["answers"]] for m in
+                                                    ("exact_match", "f1", "gold_contained")}}
                for row in out["rows"]}}
 
 
@@ -503,7 +505,7 @@ def evaluate_answers(rag, test_q, hits, rc, timings):
     for mode, answer_all in modes.items():
         with timed(seconds, mode):
             answers = answer_all()
-            scores[mode] = rag_lib.score_answers(answers, gold)
+            scores[mode] = rag_lib.score_answers(answers, gold, per_question=True)
             if mode == "rag_reretrieve":
                 scores[mode].update(_reretrieval_stats(answers, gold_ids),
                                     reretrieve_every=every)
@@ -537,7 +539,7 @@ def _reretrieval_stats(answers, gold_ids) -> dict:
 
 def _evaluate_rag(rag, questions, k) -> dict:
     answers = rag.answer([q.question for q in questions], k)
-    out = rag_lib.score_answers(answers, [q.answers for q in questions])
+    out = rag_lib.score_answers(answers, [q.answers for q in questions], per_question=True)
     out["gold_passage_cited"] = rag_lib.recall_at_k([[c for c, _ in a.citations] for a in answers],
                                           [q.passage_id for q in questions])
     return out

@@ -6,12 +6,14 @@ Run it before a pod job to catch an out-of-memory mesh in a minute instead of af
 queue: `python -m launch.main --config ... --workdir W --compile_only [--topology ...]`.
 """
 
+import dataclasses
 import math
 import os
 import time
 
 import jax
 import numpy as np
+from flax import linen as nn
 
 from train import memory, partitioning, tasks
 from train.run_files import atomic_write_json
@@ -53,31 +55,56 @@ def _bytes(tree):
                    for x in jax.tree_util.tree_leaves(tree)))
 
 
-def compile_train_step(config, devices=None):
-    """-> (compiled step, report dict). Allocates no parameters, optimizer state or batch."""
-    devices = jax.devices() if devices is None else devices
+@dataclasses.dataclass
+class StepToCompile:
+    """A jitted step, the abstract arguments to lower it with, and what it runs over."""
+
+    step: object  # jax.jit-ed
+    args: tuple  # ShapeDtypeStructs with shardings
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    setup: object  # train/trainer.py Setup: model, optimizer, abstract state, counts
+    batch_size: int  # Rows of the batch the step takes.
+    facts: dict  # The task's own report fields (e.g. GRPO's reference policy).
+
+
+def loop_train_step(config, devices):
+    """The loop's train step (train/trainer.py) for `config`."""
     trainer = build_trainer(config, devices=devices)
-    abstract = trainer.setup.abstract
+    return StepToCompile(trainer.train_step,
+                         (trainer.abstract_state(), abstract_batch(config, trainer.mesh)),
+                         trainer.mesh, trainer.rules, trainer.setup,
+                         int(config.data.batch_size), {})
+
+
+def compile_train_step(config, devices=None):
+    """-> (compiled step, report dict): the step a run of config.task trains with (the
+    loop's, or a runner's own: `Task.step_to_compile`). Allocates no parameters,
+    optimizer state or batch."""
+    devices = jax.devices() if devices is None else devices
+    target = (tasks.get_task(config.task).step_to_compile(config, devices)
+              or loop_train_step(config, devices))
+    abstract, counts = target.setup.abstract, target.setup.counts
     start = time.perf_counter()
-    with trainer.context():
-        lowered = trainer.train_step.lower(trainer.abstract_state(),
-                                           abstract_batch(config, trainer.mesh))
+    with jax.set_mesh(target.mesh), nn.logical_axis_rules(target.rules):
+        lowered = target.step.lower(*target.args)
         lowered_s = time.perf_counter() - start
         compiled = lowered.compile()
     compile_s = time.perf_counter() - start - lowered_s
     report = {
         "task": config.task,
-        "mesh": dict(trainer.mesh.shape),
-        "num_devices": trainer.mesh.size,
+        "mesh": dict(target.mesh.shape),
+        "num_devices": target.mesh.size,
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
-        "batch_size": int(config.data.batch_size),
+        "batch_size": target.batch_size,
         "seq_len": int(config.data.seq_len),
-        "parameters": trainer.counts["total"],
-        "trainable": trainer.counts["trainable"],
+        "parameters": counts["total"],
+        "trainable": counts["trainable"],
         "param_bytes": _bytes(abstract.params),
-        "optimizer_state_bytes": trainer.counts["optimizer_state_bytes"],
+        "optimizer_state_bytes": counts["optimizer_state_bytes"],
         "state_bytes": _bytes(abstract),
+        **target.facts,
         "lower_s": lowered_s,
         "compile_s": compile_s,
         "per_device": memory_figures(compiled),

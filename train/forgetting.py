@@ -102,6 +102,9 @@ def heldout_mlm(model, params, data_cfg, tok, mesh, rules, split, max_steps):
     return evaluate(step, objective, params, batches, mesh, rules, max_steps)
 
 
+_BEFORE = {}  # The pre-trained encoder's held-out MLM metrics, by checkpoint and data.
+
+
 def measure_forgetting(config, finetuned_params, tok, mesh, rules):
     """-> {"before", "after", "increase", "checkpoint", "split"}, or None (with a log
     line) when `config.init_from` has no MLM head to measure with."""
@@ -120,11 +123,19 @@ def measure_forgetting(config, finetuned_params, tok, mesh, rules):
     after_model = Model(dataclasses.replace(resolve(config.model), **fields))
     before_model = Model(dataclasses.replace(resolve(config.model), **fields, **PEFT_OFF))
     results = {}
+    # "before" depends on the checkpoint alone: a sweep's runs from it measure it once.
+    before_key = (os.path.realpath(step_dir), repr(before_model.cfg), data_cfg.to_json(),
+                  split, max_steps, tuple(mesh.shape.items()))
+    if before_key in _BEFORE:
+        results["before"] = dict(_BEFORE[before_key])
     for name, model, encoder in (("before", before_model, {}),
                                  ("after", after_model, finetuned_params)):
+        if name in results:
+            continue
         params = mlm_params(model, data_cfg.seq_len, encoder, checkpoint_params, mesh)
         results[name] = heldout_mlm(model, params, data_cfg, tok, mesh, rules, split,
                                     max_steps)
+    _BEFORE[before_key] = dict(results["before"])
     results["increase"] = results["after"]["loss"] - results["before"]["loss"]
     log.info("Forgetting: held-out MLM loss %.4f before fine-tuning, %.4f after",
              results["before"]["loss"], results["after"]["loss"])

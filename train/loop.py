@@ -36,8 +36,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def dry_run(config, workdir):
-    """Build model and optimizer abstractly; write `params.json`; allocate nothing."""
-    counts = trainer_lib.abstract_setup(config).counts
+    """Build model and optimizer abstractly; write `params.json`; allocate nothing. A
+    task whose runner compiles its own step adds that step's facts (`describe_step`)."""
+    setup = trainer_lib.abstract_setup(config)
+    counts = {**setup.counts, **tasks.get_task(config.task).describe_step(config, setup)}
     atomic_write_json(os.path.join(workdir, "params.json"), counts)
     return counts
 

@@ -3,6 +3,7 @@
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from train.param_rules import combine, partition
@@ -49,8 +50,11 @@ def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=
                     trainable=None):
     """`trainable`: a bool tree like params (`param_rules.trainable_mask`). When given,
     gradients are taken w.r.t. the trainable leaves only (frozen ones get zeros, are never
-    differentiated) and frozen params are carried over bitwise unchanged."""
-    base_key = jax.random.key(seed)
+    differentiated) and frozen params are carried over bitwise unchanged.
+
+    `seed=None`: the step takes the seed as a third argument, `(state, batch, seed)`, so it
+    is not baked into the compiled program as a constant and runs that differ only in
+    their seed share one executable (`SeededStep` passes it)."""
 
     def loss_fn(params, batch, dropout_key, frozen=None):
         if frozen is not None:
@@ -71,9 +75,9 @@ def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=
         differentiated, frozen = partition(params, trainable)
         return value_and_grad(differentiated, batch, dropout_key, frozen)
 
-    def train_step(state, batch):
+    def seeded_train_step(state, batch, seed):
         # Dropout keys derive from (seed, step): a resumed run draws the same masks.
-        step_key = jax.random.fold_in(base_key, state.step)
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
         if grad_accum_steps == 1:
             (loss_sum, (weight, sums)), grads = grad_fn(state.params, batch, step_key)
         else:
@@ -115,7 +119,34 @@ def make_train_step(model, tx, objective, *, seed, grad_accum_steps=1, schedule=
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return train_step
+    if seed is None:
+        return seeded_train_step
+    return lambda state, batch: seeded_train_step(state, batch, seed)
+
+
+class SeededStep:
+    """A jitted `(state, batch, seed)` step called as `(state, batch)` with this run's
+    seed; `.lower(...)` and its `.compile()` keep that calling convention."""
+
+    def __init__(self, fn, seed):
+        self._fn, self._seed = fn, np.int32(seed)
+
+    def __call__(self, state, batch):
+        return self._fn(state, batch, self._seed)
+
+    def lower(self, state, batch):
+        return SeededStep(self._fn.lower(state, batch, self._seed), self._seed)
+
+    def compile(self):
+        return SeededStep(self._fn.compile(), self._seed)
+
+    @property
+    def args_info(self):  # ((state, batch), kwargs): the seed is this wrapper's own.
+        args, kwargs = self._fn.args_info
+        return args[:2], kwargs
+
+    def __getattr__(self, name):  # as_text, memory_analysis, cost_analysis, ...
+        return getattr(self._fn, name)
 
 
 def make_eval_step(model, objective):

@@ -21,7 +21,7 @@ from train import flops, model_setup, partitioning, tasks
 from train.data import pipeline
 from train.optimizer import optimizer_state_bytes
 from train.param_rules import path_string
-from train.steps import make_eval_step, make_train_step
+from train.steps import SeededStep, make_eval_step, make_train_step
 from train.unfreezing import unfreeze_steps
 
 log = logging.getLogger("strata")
@@ -102,41 +102,20 @@ class Trainer:
                                             self.config.data.seq_len, seed, self.shardings)
 
     def init_params(self, paths, seed=None):
-        """{path: fresh value} of just the parameters at `paths`, as `init_state` would draw
-        them (flax derives each one's key from its name), each shard where it lives. XLA
-        drops the rest of the init: a checkpoint's 135M weights are not first drawn at
-        random only to be overwritten."""
+        """{path: fresh value} of just the parameters at `paths` (`init_params`)."""
         seed = self.config.seed if seed is None else seed
-        init_fn = model_setup.make_init_fn(self.model, self.setup.tx, self.config.data.seq_len)
-        shardings = dict(_flat(self.shardings.params))
-        paths = sorted(paths)
-
-        def pick(key):
-            params = dict(_flat(nn.unbox(init_fn(key)).params))
-            return {path: params[path] for path in paths}
-
-        return jax.jit(pick, out_shardings={p: shardings[p] for p in paths})(
-            jax.random.key(seed))
+        return init_params(self.setup, self.shardings, self.config.data.seq_len, paths, seed)
 
     def init_state_from(self, init_from, seed=None):
         """-> (fresh state with `init_from`'s parameters loaded, init_from's report): equal
         to `init_state` followed by loading, without drawing the loaded weights first."""
-        from train.init_from import init_params_from
-
-        abstract = self.abstract_state()
-        loaded, report = init_params_from(init_from, abstract.params)  # Missing: abstract.
-        fresh = self.init_params(report["initialised"], seed)
-        params = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(loaded),
-            [fresh[path] if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
-             for path, leaf in _flat(loaded)])
-        step = jax.device_put(np.zeros((), np.int32), self.shardings.step)
-        return abstract.replace(step=step, params=params,
-                                opt_state=self.init_opt_state(params)), report
+        seed = self.config.seed if seed is None else seed
+        return init_state_from(self.setup, self.shardings, self.config.data.seq_len,
+                               init_from, seed)
 
     def init_opt_state(self, params):
         """Fresh optimizer state for `params` (a run starting from loaded weights)."""
-        return jax.jit(self.setup.tx.init, out_shardings=self.shardings.opt_state)(params)
+        return init_opt_state(self.setup, self.shardings, params)
 
     def global_batch(self, local):
         return pipeline.to_global_batch(local, self.mesh)
@@ -159,6 +138,49 @@ def _flat(tree):
     """[(parameter path, leaf)] in the tree's order."""
     return [(path_string(path), leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+# --- A run's first state, from its setup and shardings (the loop's and runners') --------
+
+def init_params(setup, shardings, seq_len, paths, seed):
+    """{path: fresh value} of just the parameters at `paths`, as a full init would draw
+    them (flax derives each one's key from its name), each shard where it lives. XLA
+    drops the rest of the init: a checkpoint's 135M weights are not first drawn at
+    random only to be overwritten."""
+    init_fn = model_setup.make_init_fn(setup.model, setup.tx, seq_len)
+    placed = dict(_flat(shardings.params))
+    paths = sorted(paths)
+
+    def pick(key):
+        params = dict(_flat(nn.unbox(init_fn(key)).params))
+        return {path: params[path] for path in paths}
+
+    return jax.jit(pick, out_shardings={p: placed[p] for p in paths})(jax.random.key(seed))
+
+
+def init_opt_state(setup, shardings, params):
+    return jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params)
+
+
+def init_state_from(setup, shardings, seq_len, init_from, seed, load=None):
+    """-> (fresh state with `init_from`'s parameters loaded, the load's report): equal to
+    a full init followed by loading, drawing only the parameters the load leaves abstract
+    (report["initialised"]). `load(init_from, abstract params) -> (params, report)`:
+    default train/init_from.py `init_params_from`; a runner may transform what it reads
+    (the post-training runner merges an SFT run's LoRA first)."""
+    if load is None:
+        from train.init_from import init_params_from as load
+
+    abstract = ckpt.abstract_with_shardings(setup.abstract, shardings)
+    loaded, report = load(init_from, abstract.params)  # Missing: still abstract.
+    fresh = init_params(setup, shardings, seq_len, report["initialised"], seed)
+    params = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(loaded),
+        [fresh[path] if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
+         for path, leaf in _flat(loaded)])
+    step = jax.device_put(np.zeros((), np.int32), shardings.step)
+    return abstract.replace(step=step, params=params,
+                            opt_state=init_opt_state(setup, shardings, params)), report
 
 
 def evaluate(eval_step, objective, params, batches, mesh, rules, max_steps=-1):
@@ -194,12 +216,13 @@ def build_trainer(config, *, devices=None, train_source=None, objective=None) ->
     batch_sharding = partitioning.batch_sharding(mesh)
     replicated = partitioning.replicated(mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = jax.jit(
-            make_train_step(setup.model, setup.tx, objective, seed=config.seed,
+        # The seed is an argument, not a constant: seeds of one sweep share executables.
+        train_step = SeededStep(jax.jit(
+            make_train_step(setup.model, setup.tx, objective, seed=None,
                             grad_accum_steps=config.optim.grad_accum_steps,
                             schedule=setup.schedule, trainable=setup.trainable),
-            in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-            donate_argnums=(0,))
+            in_shardings=(shardings, batch_sharding, replicated),
+            out_shardings=(shardings, replicated), donate_argnums=(0,)), config.seed)
         eval_step = jax.jit(make_eval_step(setup.model, objective),
                             in_shardings=(shardings.params, batch_sharding),
                             out_shardings=replicated)

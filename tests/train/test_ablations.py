@@ -65,6 +65,14 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
     assert len(methods) >= 8  # Distinct parameter masks (lld and full share none: lld).
     search_steps = {c.train.num_steps for k, c in configs.items() if k[0] == "search"}
     assert len(search_steps) == len([k for k in configs if k[0] == "search"])  # Drawn.
+    # Three seeds per compared run; seed_base shifts all of them, pre-training's too.
+    assert sorted(c.seed for k, c in configs.items() if k[0] == "scratch") == [0, 0, 0, 1, 1,
+                                                                               1, 2, 2, 2]
+    shifted, _ = load_stages(tmp_path, f"scale={scale},seed_base=10")
+    seeds = {p.name: p.spec.seeds for p in shifted}
+    assert seeds["pretrain"] == (10,) and seeds["finetune"] == seeds["methods"] == (10, 11, 12)
+    finetune = next(p for p in shifted if p.name == "finetune")
+    assert f"init_from={tmp_path}/pretrain/seed=10" in finetune.overrides
 
 
 def test_part_errors_name_the_part(tmp_path):
@@ -96,6 +104,13 @@ def seed_effect(config):
     return 0.03 * config.seed + 0.02 * (zlib.crc32(run.encode()) % 1000) / 1000
 
 
+def per_question(exact, f1, contained, n=100):
+    """Per-question scores with these counts of exact matches and gold-contained answers
+    (the first questions) and a constant F1."""
+    flags = lambda k: [1.0] * k + [0.0] * (n - k)  # noqa: E731
+    return {"exact_match": flags(exact), "f1": [f1] * n, "gold_contained": flags(contained)}
+
+
 class FakeTrainer:
     """Writes a results.json whose numbers follow from the trial's config, so the
     report's figures can be checked against them; records what it ran."""
@@ -111,16 +126,20 @@ class FakeTrainer:
         os.makedirs(workdir, exist_ok=True)
         if config.task == "rag":
             results = {"closed_book": {"exact_match": 0.01, "f1": 0.05,
-                                       "gold_contained": 0.1},
-                       "rag_index": {"exact_match": 0.2, "f1": 0.4, "gold_contained": 0.5},
+                                       "gold_contained": 0.1,
+                                       "per_question": per_question(1, 0.05, 10)},
+                       "rag_index": {"exact_match": 0.2, "f1": 0.4, "gold_contained": 0.5,
+                                     "per_question": per_question(20, 0.4, 50)},
                        "rag_exact": {"exact_match": 0.2, "f1": 0.41},
                        "oracle": {"exact_match": 0.3, "f1": 0.5, "gold_contained": 0.6},
                        "generator": {"spec": config.rag.generator, "zero_shot": True,
                                      "strategy": "greedy", "max_new_tokens": 24},
                        "retrieval": {"k": 2, "index/recall@1": 0.9},
                        "knowledge_base": {"passages": 1000},
-                       "new_information": {"passages": 4, "questions": 4,
-                                           "before": {"f1": 0.1}, "after": {"f1": 0.3}}}
+                       "new_information": {
+                           "passages": 4, "questions": 4,
+                           "before": {"f1": 0.1, "gold_contained": 0.0, "per_question": per_question(0, 0.1, 0, 4)},
+                           "after": {"f1": 0.3, "gold_contained": 0.75, "per_question": per_question(0, 0.3, 3, 4)}}}
             shots = config.rag.in_context_k
             if shots:  # The config's k, and figures the report must carry over.
                 results["in_context"] = {"k": shots, **{setting: {
@@ -151,21 +170,25 @@ class FakeTrainer:
 
 
 def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
+    """The demo's parts with one seed each (the three-seed tables are the next test's)."""
     workdir = str(tmp_path / "stages")
+    parts, report_name = load_stages(workdir)
+    parts = [dataclasses.replace(p, spec=dataclasses.replace(p.spec, seeds=(0,)))
+             for p in parts]
     trainer = FakeTrainer(fail={"rag"})
-    failed = launch_sweep.run_ablation(STAGES, workdir, run_trial=trainer)
+    failed = launch_sweep.run_ablation(STAGES, workdir, run_trial=trainer,
+                                       ablation=(parts, report_name))
     assert failed == ["rag/seed=0"]
-    parts, _ = load_stages(workdir)
     expected = [f"{p.name}/{t.name}" for p in parts for t in sweeps.enumerate_trials(p.spec)]
     assert trainer.ran == expected  # Declaration order, every trial once.
 
     report = open(os.path.join(workdir, "report.md")).read()
     # Data requirement: 1% of labels -> 0.302 scratch, 0.402 pre-trained: +10.0 points,
     # which one seed cannot test.
-    # Epochs: 150 steps x batch 32 / 10 examples = 480 (config.json the trainer wrote).
-    assert re.search(r"\| 1% \| 10 \| 480 \| 30\.2% \| 0\.151 \| 40\.2% \| 0\.201 \| "
+    # Epochs: 400 steps x batch 32 / 10 examples = 1280 (config.json the trainer wrote).
+    assert re.search(r"\| 1% \| 10 \| 1280 \| 30\.2% \| 0\.151 \| 40\.2% \| 0\.201 \| "
                      r"\+10\.0, not significant \(1 seed: untested\) \|", report), report
-    assert "| 100% | 1000 | 4.8 | 50.0% |" in report
+    assert "| 100% | 1000 | 13 | 50.0% |" in report
     assert "Closed-book vs RAG\n\nNot run." in report  # The failed part, not a crash.
     assert "1,000 (1.00%)" in report  # Trainable share of a PEFT method.
     for png in ("data_requirement.png", "methods.png"):
@@ -175,11 +198,26 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
 
     # Resumed: only the failed trial runs again; the report now has RAG's figures.
     again = FakeTrainer()
-    assert launch_sweep.run_ablation(STAGES, workdir, run_trial=again) == []
+    assert launch_sweep.run_ablation(STAGES, workdir, run_trial=again,
+                                     ablation=(parts, report_name)) == []
     assert again.ran == ["rag/seed=0"]
     report = open(os.path.join(workdir, "report.md")).read()
     assert "| RAG, ScaNN index | 20.0% | 40.0% | 50.0% |" in report
-    assert "closed-book 10.0% → RAG 50.0% (oracle 60.0%); token F1 5.0% → 40.0%" in report
+    # Paired over questions: the exact McNemar test is the binomial test of the discordant
+    # pairs (scipy's here); F1 is constant per question, so its interval is the point.
+    mcnemar = lambda only_one, discordant: stats.binomtest(  # noqa: E731
+        only_one, discordant, 0.5).pvalue
+    assert mcnemar(0, 40) < 0.001 and mcnemar(0, 19) < 0.001
+    assert ("closed-book 10.0% → RAG 50.0% (McNemar p < 0.001) (oracle 60.0%); token F1 "
+            "5.0% → 40.0%") in report
+    assert ("| closed-book → RAG (ScaNN) | +19.0, p < 0.001 | +35.0 [+35.0, +35.0] | "
+            "+40.0, p < 0.001 |") in report
+    # New facts: 3 of 4 answers gain the gold answer, none lose it: p = 0.25.
+    assert f"{mcnemar(3, 3):.3g}" == "0.25"
+    assert "| new facts: before → after upsert | +0.0, not significant (p = 1) | +20.0 " \
+           "[+20.0, +20.0] | +75.0, not significant (p = 0.25) |" in report
+    assert "gold contained 0.0% → 75.0% (not significant, p = 0.25) after an index upsert" \
+        in report
     assert "`gguf:smollm2` zero-shot" in report
     # In-context learning: the same questions with the config's 3 demonstrations.
     assert "| closed-book, 3-shot | 12.5% | 20.0% | 25.0% | 2.0 |" in report

@@ -76,3 +76,7 @@ def test_dpo_beta_must_be_positive(tmp_path):
     config.post_train.dpo_beta = 0.0
     with pytest.raises(ValueError, match=r"config\.post_train\.dpo_beta=0\.0"):
         config_checks.validate(config)
+    config.post_train.dpo_beta = 0.1
+    config.post_train.updates_per_rollout = 2  # GRPO's μ: DPO would silently ignore it.
+    with pytest.raises(ValueError, match=r"config\.post_train\.updates_per_rollout=2 with"):
+        config_checks.validate(config)

@@ -190,32 +190,201 @@ def test_toy_grpo_run_raises_the_mean_reward(whole_run):
                 "update_tokens_per_s"):
         assert key in rows[0]
     assert abs(rows[0]["train/kl"]) < 1e-6  # Step 0: the policy is the frozen reference.
+    # One update per rollout: π_old is the policy itself, the ratio 1, the clip never binds.
+    assert all(r["train/clip_fraction"] == 0.0 and r["train/ratio"] == 1.0 for r in rows)
     assert os.path.isfile(workdir / "reward_curve.png")
 
 
-def test_kill_and_resume_equals_the_uninterrupted_run(whole_run, tmp_path):
-    config, whole_dir, whole = whole_run
-    resumed_dir = str(tmp_path / "resumed")
-
+def kill_then_resume(config, workdir, kill_at):
+    """Runs `config` in `workdir`, killed right after the checkpoint of step `kill_at`,
+    then again (resuming) to the end; -> the second start's results."""
     def kill(phase, step):
-        if phase == "after_save" and step == KILL_AT:
+        if phase == "after_save" and step == kill_at:
             raise KeyboardInterrupt("killed")
 
     post_run.TEST_HOOK = kill
     try:
         with pytest.raises(KeyboardInterrupt):
-            post_run.run_grpo(config, resumed_dir)
+            post_run.run_grpo(config, workdir)
     finally:
         post_run.TEST_HOOK = None
-    resumed = post_run.run_grpo(config, resumed_dir)
+    return post_run.run_grpo(config, workdir)
 
-    def steps(workdir):  # The same samples give the same rewards and losses, bitwise.
-        return {r["step"]: {k: v for k, v in r.items() if "per_s" not in k and k != "time"}
-                for r in read_rows(workdir)}
 
-    assert len(steps(whole_dir)) == STEPS
-    assert steps(whole_dir) == steps(resumed_dir)
+def step_rows(workdir):  # The same samples give the same rewards and losses, bitwise.
+    return {r["step"]: {k: v for k, v in r.items() if "per_s" not in k and k != "time"}
+            for r in read_rows(workdir)}
+
+
+def test_kill_and_resume_equals_the_uninterrupted_run(whole_run, tmp_path):
+    config, whole_dir, whole = whole_run
+    resumed_dir = str(tmp_path / "resumed")
+    resumed = kill_then_resume(config, resumed_dir, KILL_AT)
+    assert len(step_rows(whole_dir)) == STEPS
+    assert step_rows(whole_dir) == step_rows(resumed_dir)
     assert whole["end"] == resumed["end"]
+
+
+def test_several_updates_per_rollout_clip_and_resume_bitwise(tmp_path):
+    """updates_per_rollout = μ = 2: π_old is the sampling policy, so a rollout's second
+    update has ratio != 1 and the clip binds; killed between rollouts, the run resumes to
+    the uninterrupted one bitwise."""
+    config = toy_setup(tmp_path)
+    config.post_train.updates_per_rollout = 2
+    config.train.update(num_steps=2, checkpoint_every=1)
+    config_checks.validate(config)
+    whole = post_run.run_grpo(config, str(tmp_path / "whole"))
+    resumed = kill_then_resume(config, str(tmp_path / "resumed"), 1)
+    rows = [r for r in read_rows(tmp_path / "whole") if "train/clip_fraction" in r]
+    clip = [r["train/clip_fraction"] for r in rows]
+    ratio = [r["train/ratio"] for r in rows]
+    print(f"μ=2 clip fraction per step {np.round(clip, 3)}, ratio {np.round(ratio, 4)}")
+    # Measured: clip fraction 0.17, 0.24 (a rollout's mean over its two updates; the
+    # first update's is 0: with μ = 1 it stays 0, see above), mean ratio 0.96, 1.08.
+    assert len(clip) == 2 and max(clip) > 0.05
+    assert any(abs(r - 1.0) > 1e-3 for r in ratio)
+    assert step_rows(tmp_path / "whole") == step_rows(tmp_path / "resumed")
+    assert whole["end"] == resumed["end"]
+
+
+def test_updates_per_rollout_spreads_the_schedule_over_every_update(tmp_path):
+    config = toy_setup(tmp_path)
+    config.optim.update(schedule="linear", end_lr_factor=0.0)
+    config.post_train.updates_per_rollout = 3
+    pt = post_run.build(config, post_run.grpo_objective)
+    steps = config.train.num_steps
+    assert pt.updates_per_step == 3
+    # The optimizer takes num_steps * 3 updates: the decay ends there, not at num_steps.
+    lr = config.optim.lr
+    np.testing.assert_allclose(float(pt.setup.schedule(steps)), lr * (1 - 1 / 3), rtol=1e-6)
+    assert float(pt.setup.schedule(3 * steps)) == 0.0
+    config.post_train.updates_per_rollout = 1  # Unchanged for one update per rollout.
+    assert float(post_run.build(config, post_run.grpo_objective).setup.schedule(steps)) == 0.0
+
+
+def test_a_restart_with_allow_config_change_is_accepted_through_the_entry_point(
+        whole_run, tmp_path):
+    """launch.main's --allow_config_change reaches the runner (run_task.run): a changed
+    key is refused without it, accepted and recorded in run_history.jsonl with it."""
+    import shutil
+
+    from train.resume_check import ConfigChangedError
+
+    config, whole_dir, whole = whole_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(whole_dir, workdir)
+    changed = config.copy_and_resolve_references()
+    changed.post_train.kl_coef = 0.02
+    with pytest.raises(ConfigChangedError, match=r"--allow_config_change=post_train\.kl_coef"):
+        run_task.run(changed, workdir)
+    results = run_task.run(changed, workdir, ("post_train.kl_coef",))
+    assert results["step"] == STEPS and results["end"] == whole["end"]  # Resumed at the end.
+    with open(os.path.join(workdir, "run_history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    assert history[-1]["changes"] == {"post_train.kl_coef": [0.01, 0.02]}
+
+
+# --- The start --------------------------------------------------------------------------
+
+def flat_arrays(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_the_start_loads_the_sft_run_and_draws_only_the_fresh_adapter(tmp_path):
+    """init_from = an SFT LoRA run: every base weight is the checkpoint's (its LoRA merged
+    into the targeted kernels), the new adapter is what a full init draws, and the state
+    equals the old way (a full random init, then loading) bitwise."""
+    from train import checkpoints as ckpt
+    from train import model_setup, run_record
+
+    sft_dir = tmp_path / "sft"
+    sft = toy_setup(tmp_path, method="lora")
+    sft_pt = post_run.build(sft, post_run.grpo_objective)
+    sft_state = model_setup.init_train_state(sft_pt.model, sft_pt.setup.tx, 32, 11,
+                                             sft_pt.shardings)
+    sft_state = sft_state.replace(params=jax.tree_util.tree_map_with_path(  # A trained B.
+        lambda p, x: x + 0.05 * (1 + jnp.arange(x.size).reshape(x.shape) % 7)
+        if "lora_b" in jax.tree_util.keystr(p) else x, sft_state.params))
+    os.makedirs(sft_dir)
+    run_record.write_run_record(str(sft_dir), sft)
+    checkpoints = ckpt.Checkpoints(str(sft_dir), sft.train)
+    checkpoints.save(3, sft_state, {"step": 3}, force=True)
+    checkpoints.wait()
+    checkpoints.close()
+
+    config = toy_setup(tmp_path, method="lora")
+    config.init_from, config.seed = str(sft_dir), 5
+    pt = post_run.build(config, post_run.grpo_objective)
+    state, report = pt.start_state()
+    assert report["merged_lora"] and report["checkpoint"].endswith("3")
+    assert sorted(report["initialised"]) == sorted(
+        p for p in report["initialised"] if "/lora_" in p) and report["initialised"]
+
+    got, saved = flat_arrays(state.params), flat_arrays(sft_state.params)
+    scale = sft.model.lora_alpha / sft.model.lora_rank
+    for path, value in got.items():
+        if "lora_" in path:
+            continue
+        module = path.removesuffix("['kernel']")
+        if path.endswith("['kernel']") and f"{module}['lora_a']" in saved:  # Targeted.
+            a, b = saved[f"{module}['lora_a']"], saved[f"{module}['lora_b']"]
+            want = saved[path] + scale * np.tensordot(a, b, axes=1)  # numpy, float32.
+            np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=path)
+            assert not np.array_equal(value, saved[path]), path  # The merge moved it.
+        else:
+            np.testing.assert_array_equal(value, saved[path], err_msg=path)  # Bitwise.
+
+    # The old way: every parameter drawn at random, then the checkpoint loaded over it.
+    full = model_setup.init_train_state(pt.model, pt.setup.tx, 32, config.seed,
+                                        pt.shardings)
+    old_params, _ = post_run.start_params(config.init_from, full.params)
+    old = full.replace(params=old_params, opt_state=jax.jit(pt.setup.tx.init)(old_params))
+    for name, tree, want_tree in (("params", state.params, old.params),
+                                  ("opt_state", state.opt_state, old.opt_state)):
+        want = flat_arrays(want_tree)
+        assert flat_arrays(tree).keys() == want.keys()
+        for path, value in flat_arrays(tree).items():
+            np.testing.assert_array_equal(value, want[path], err_msg=f"{name}{path}")
+    adapter = {p: v for p, v in got.items() if "lora_" in p}
+    assert any(np.abs(v).sum() > 0 for p, v in adapter.items() if "lora_a" in p)
+    assert all(np.all(v == 0) for p, v in adapter.items() if "lora_b" in p)  # Identity.
+
+
+# --- Ahead of time (--dry_run, --compile_only) --------------------------------------------
+
+@pytest.mark.parametrize("task, method", [("grpo", "full"), ("dpo", "lora")])
+def test_dry_run_and_compile_only_report_the_update_step(tmp_path, task, method):
+    """launch.main --dry_run / --compile_only (loop.dry_run, aot.compile_only) of a GRPO or
+    DPO config report the runner's update step: its rows, the reference policy, and the
+    compiled update's arguments (state, a frozen reference copy with full fine-tuning,
+    the update batch), not the prefix-LM train step's."""
+    from train import aot, loop
+
+    config = toy_setup(tmp_path, task=task, method=method)
+    config.data.batch_size = 4  # DPO: 4 pairs, 8 rows.
+    config_checks.validate(config)
+    counts = loop.dry_run(config, str(tmp_path))
+    rows = 16 if task == "grpo" else 8
+    frozen_copy = method == "full"
+    assert counts["update_step"] == task and counts["update_rows"] == rows
+    assert counts["reference"] == ("frozen_copy" if frozen_copy else "adapter_off")
+    report = aot.compile_only(config, str(tmp_path))
+    assert json.load(open(tmp_path / "compile.json")) == report
+    assert report["batch_size"] == rows and report["update_step"] == task
+    assert report["trainable"] == counts["trainable"]
+    assert (report["trainable"] < report["parameters"]) == (method == "lora")
+    param_bytes = report["param_bytes"]
+    assert counts["reference_param_bytes"] == (param_bytes if frozen_copy else 0)
+    # Per device (8 CPU devices, data parallel): the state and the reference replicated,
+    # the batch's rows split; GRPO's fields + advantages, DPO's without.
+    seq, devices = 32, report["num_devices"]
+    batch_bytes = rows * seq * 4 * 5 + (rows * 4 if task == "grpo" else 0)
+    want = report["state_bytes"] + counts["reference_param_bytes"] + batch_bytes // devices
+    print(f"{task}/{method}: per-device arguments {report['per_device']['argument_bytes']}"
+          f" (state {report['state_bytes']}, reference {counts['reference_param_bytes']},"
+          f" batch {batch_bytes // devices})")
+    assert report["per_device"]["argument_bytes"] == want
 
 
 # --- Bad input ----------------------------------------------------------------------------
@@ -224,6 +393,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(whole_run, tmp_path):
     ("reward", "exact", "config.post_train.reward='exact'"),
     ("group_size", 1, "config.post_train.group_size=1"),
     ("kl_coef", -0.1, "config.post_train.kl_coef=-0.1"),
+    ("updates_per_rollout", 0, "config.post_train.updates_per_rollout=0"),
 ])
 def test_bad_config_is_refused_at_start_up(tmp_path, field, value, message):
     config = toy_setup(tmp_path)

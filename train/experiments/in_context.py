@@ -14,16 +14,15 @@ n = k the k-shot prompt's own), loss on the label and its end-of-turn token afte
 zero-shot prompt (`label_batch`), then `evaluate_k_shot(..., k=0)` scores it by the same
 constrained choice on the same test glosses. Intervals: Wilson for proportions,
 percentile bootstrap for means of other per-example scores and paired differences, the
-exact McNemar test for paired 0/1 outcomes (used by retrieval/in_context_qa.py, k-shot
-WordNet QA, which lives above train/).
+exact McNemar test for paired 0/1 outcomes (train/experiments/statistics.py).
 """
 
 import dataclasses
-import math
 
 import numpy as np
 
 from train.data import wordnet
+from train.experiments.statistics import wilson
 
 LABELS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
 CHOICES = ("noun", "verb", "adjective", "adverb")
@@ -168,49 +167,3 @@ def fine_tune(config, tok, examples, seed=0, on_step=None):
             if on_step:
                 on_step(step, losses[-1])
     return trainer.model, jax.tree.map(np.asarray, state.params), losses
-
-
-# --- Intervals ----------------------------------------------------------------------------
-
-def wilson(successes, n, z=1.96):
-    """The Wilson score interval of a binomial proportion (95% at z = 1.96)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, float(centre - half)), min(1.0, float(centre + half)))
-
-
-def bootstrap_interval(values, resamples=2000, seed=0, level=0.95):
-    """The percentile bootstrap interval of the mean of `values` (per-example scores,
-    e.g. token F1): `resamples` resamples of the examples with replacement, `seed`ed."""
-    values = np.asarray(values, np.float64)
-    if values.size == 0:
-        return (0.0, 1.0)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, (resamples, values.size))].mean(1)
-    tail = (1 - level) / 2 * 100
-    return (float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
-
-
-def paired_difference(a, b, resamples=2000, seed=0, level=0.95):
-    """mean(a) - mean(b) of paired per-example scores (the same examples under two
-    settings) and its percentile bootstrap interval (examples resampled together): an
-    interval excluding 0 is a significant difference at that level."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"Paired scores differ in shape: {a.shape} vs {b.shape}")
-    low, high = bootstrap_interval(a - b, resamples, seed, level)
-    return float(a.mean() - b.mean()), (low, high)
-
-
-def mcnemar_exact(a, b):
-    """Two-sided exact McNemar test of paired 0/1 outcomes (the same examples under two
-    settings): the p-value of the discordant pairs' split under a fair coin. The
-    bootstrap is too optimistic on a handful of discordant pairs; this is exact."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    n = only_a + only_b
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)

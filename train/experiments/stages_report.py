@@ -477,6 +477,15 @@ def _rag_part(runs, part):
         "",
         _table(["retrieval", "value"], recall),
     ]
+    paired = _question_tests(results)
+    if paired:
+        lines += ["", "Paired over the same questions (the second setting minus the first, in "
+                  "points): exact match and gold contained with the exact McNemar test, "
+                  "token F1 with a percentile bootstrap interval over questions (significant "
+                  "when it excludes 0); *not significant* claims no difference. Greedy "
+                  "decoding is deterministic, so the questions, not seeds, are the sample.",
+                  "", _table(["comparison", "exact match", "token F1", "gold contained"],
+                             paired)]
     if new:
         lines += [
             "",
@@ -493,6 +502,42 @@ def _rag_part(runs, part):
                 for when in ("before", "after")]),
         ]
     return "\n".join(lines)
+
+
+_QUESTION_PAIRS = (  # (first, second, label): paths to per-question scores in results.json.
+    ("closed_book", "rag_index", "closed-book → RAG (ScaNN)"),
+    ("rag_index", "oracle", "RAG (ScaNN) → oracle passage"),
+    ("new_information/before", "new_information/after", "new facts: before → after upsert"),
+    ("closed_book", "in_context/closed_book", "closed-book: zero-shot → k-shot"),
+    ("rag_exact", "in_context/retrieval", "RAG (exact): zero-shot → k-shot"),
+)
+
+
+def question_test(first, second, metric):
+    """'+12.5, p = 0.003' / '+2.1, not significant (p = 0.48)': second - first in points
+    over the same questions; McNemar for 0/1 metrics, a bootstrap interval for F1."""
+    a, b = np.asarray(first, float), np.asarray(second, float)
+    if a.size == 0 or a.shape != b.shape:
+        return "–"
+    diff = 100 * (b.mean() - a.mean())
+    if metric == "f1":
+        _, (low, high) = statistics.paired_difference(b, a)
+        verdict = ("" if low > 0 or high < 0 else "not significant ")
+        return f"{diff:+.1f} {verdict}[{100 * low:+.1f}, {100 * high:+.1f}]"
+    p = statistics.mcnemar_exact(b, a)
+    return f"{diff:+.1f}, " + (statistics.format_p(p) if p < statistics.ALPHA
+                               else f"not significant ({statistics.format_p(p)})")
+
+
+def _question_tests(results):
+    rows = []
+    for first, second, label in _QUESTION_PAIRS:
+        a, b = (_value(results, f"{path}/per_question") for path in (first, second))
+        if a and b:
+            k = _value(results, "in_context/k")
+            rows.append((label.replace("k-shot", f"{k}-shot"), *(
+                question_test(a[m], b[m], m) for m in ("exact_match", "f1", "gold_contained"))))
+    return rows
 
 
 def _search(runs):
@@ -557,14 +602,16 @@ def _summary(runs, record):
         r = rag[0][1]
         rag_text = (f"gold answer contained: closed-book "
                     f"{_pct([_value(r, 'closed_book/gold_contained')])} → RAG "
-                    f"{_pct([_value(r, 'rag_index/gold_contained')])} (oracle "
+                    f"{_pct([_value(r, 'rag_index/gold_contained')])}"
+                    f"{_tested(r, 'closed_book', 'rag_index', 'gold_contained')} (oracle "
                     f"{_pct([_value(r, 'oracle/gold_contained')])}); token F1 "
                     f"{_pct([_value(r, 'closed_book/f1')])} → "
                     f"{_pct([_value(r, 'rag_index/f1')])}")
         rag_flex = (f"new facts: gold contained "
                     f"{_pct([_value(r, 'new_information/before/gold_contained')])} → "
-                    f"{_pct([_value(r, 'new_information/after/gold_contained')])} after an "
-                    f"index upsert, no retraining")
+                    f"{_pct([_value(r, 'new_information/after/gold_contained')])}"
+                    f"{_tested(r, *_NEW_FACTS, 'gold_contained')}"
+                    f" after an index upsert, no retraining")
     icl_data, icl_compute, icl_flex = "not run", "not run", "not run"
     shots = rag[0][1].get("in_context") if rag else None
     if shots:
@@ -575,10 +622,12 @@ def _summary(runs, record):
                        f"passages; {_time_per_question(shots)}")
         icl_flex = (f"exact match closed-book "
                     f"{_pct([_value(r, 'closed_book/exact_match')])} zero-shot → "
-                    f"{_pct([_value(shots, 'closed_book/exact_match/mean')])} {k}-shot; "
+                    f"{_pct([_value(shots, 'closed_book/exact_match/mean')])} {k}-shot"
+                    f"{_tested(r, 'closed_book', 'in_context/closed_book', 'exact_match')}; "
                     f"with passages {_pct([_value(r, 'rag_exact/exact_match')])} → "
-                    f"{_pct([_value(shots, 'retrieval/exact_match/mean')])}; a new task = "
-                    f"new demonstrations")
+                    f"{_pct([_value(shots, 'retrieval/exact_match/mean')])}"
+                    f"{_tested(r, 'rag_exact', 'in_context/retrieval', 'exact_match')}; a new "
+                    f"task = new demonstrations")
     return "\n".join([
         "## Summary: the stages side by side",
         "",
@@ -597,6 +646,20 @@ def _summary(runs, record):
              "prompt, no weight update", icl_data, icl_compute, icl_flex),
         ]),
     ])
+
+
+_NEW_FACTS = ("new_information/before", "new_information/after")
+
+
+def _tested(results, first, second, metric):
+    """' (McNemar p = 0.003)' / ' (not significant, p = 0.48)' for a summary cell; '' when
+    the run kept no per-question scores."""
+    a, b = (_value(results, f"{path}/per_question/{metric}") for path in (first, second))
+    if not a or not b or len(a) != len(b):
+        return ""
+    p = statistics.mcnemar_exact(b, a)
+    return (f" (McNemar {statistics.format_p(p)})" if p < statistics.ALPHA
+            else f" (not significant, {statistics.format_p(p)})")
 
 
 def _time_per_question(shots):

@@ -5,7 +5,9 @@ step trains it; the loop saves, resumes and logs like train/loop.py.
 
   GRPO step s: prompts s*P .. s*P+P-1 of the seeded example order, G completions each
     sampled with the key from (seed, s) (so a resumed run draws the same samples),
-    rewards, group advantages, one update on the clipped objective + β·KL.
+    rewards, group advantages, then post_train.updates_per_rollout (μ) updates on the
+    clipped objective + β·KL against the policy that sampled them (π_old). A step is one
+    rollout: checkpoints fall between rollouts, the optimizer takes num_steps·μ updates.
   DPO step s: pairs s*B .. of the seeded order (pairs.jsonl: a given file, or built once
     from the start policy's samples: the gold answer over a wrong sampled one).
 
@@ -18,6 +20,7 @@ passages: exact match, gold contained, reward, answer tokens, and the KL to the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -67,6 +70,12 @@ def check(config):
     if pc.prompts_per_step < 1 or pc.max_new_tokens < 1:
         raise ValueError(f"config.post_train.prompts_per_step={pc.prompts_per_step} / "
                          f"max_new_tokens={pc.max_new_tokens}; expected >= 1")
+    if pc.updates_per_rollout < 1:
+        raise ValueError(f"config.post_train.updates_per_rollout={pc.updates_per_rollout}; "
+                         f"expected >= 1 (GRPO's μ: policy updates per rollout)")
+    if config.task == "dpo" and pc.updates_per_rollout != 1:
+        raise ValueError(f"config.post_train.updates_per_rollout={pc.updates_per_rollout} "
+                         f"with config.task='dpo': DPO has no rollouts; expected 1")
     if pc.temperature <= 0 or not 0 < pc.top_p <= 1:
         raise ValueError(f"config.post_train.temperature={pc.temperature} / top_p="
                          f"{pc.top_p}; expected temperature > 0 and 0 < top_p <= 1")
@@ -89,7 +98,7 @@ def start_params(init_from, fresh):
         merged = merge_lora(unflatten(flat), types.SimpleNamespace(**model_cfg))
         flat = {path_string(p): np.asarray(v)
                 for p, v in jax.tree_util.tree_flatten_with_path(merged)[0]}
-    params, report = merge_params(fresh, flat)
+    params, report = merge_params(fresh, flat)  # `fresh` may be abstract: left as is.
     if report["shape_mismatch"] or not report["loaded"]:
         raise ValueError(f"config.init_from={init_from!r} ({step_dir}) does not fit "
                          f"config.model: shape mismatches {report['shape_mismatch']}, "
@@ -100,13 +109,24 @@ def start_params(init_from, fresh):
 # --- The compiled update step -------------------------------------------------------------
 
 def grpo_objective(model, ref_model, post_cfg):
+    """π_old is the policy that sampled the rollout. Its first update is made by that
+    policy itself (π_old = π under stop-gradient: ρ = 1 exactly); with μ > 1 that update
+    also returns those log-probs (metrics["sampling_log_probs"], computed once per
+    rollout) and the later ones read them from batch["old_log_probs"]: ρ != 1, the clip
+    can bind."""
+    several = int(post_cfg.updates_per_rollout) > 1
+
     def objective(params, ref_params, batch):
         token_lp = logprobs.token_log_probs(model, params, batch)
         ref_lp = logprobs.reference_token_log_probs(ref_model, ref_params, params, batch)
-        old_lp = jax.lax.stop_gradient(token_lp)  # One update per rollout: π_old = π.
-        return grpo.grpo_loss(token_lp, old_lp, ref_lp, batch["advantages"],
-                              batch["completion_mask"], clip_eps=float(post_cfg.clip_eps),
-                              kl_coef=float(post_cfg.kl_coef))
+        first = "old_log_probs" not in batch
+        old_lp = jax.lax.stop_gradient(token_lp) if first else batch["old_log_probs"]
+        loss, metrics = grpo.grpo_loss(
+            token_lp, old_lp, ref_lp, batch["advantages"], batch["completion_mask"],
+            clip_eps=float(post_cfg.clip_eps), kl_coef=float(post_cfg.kl_coef))
+        if several and first:
+            metrics["sampling_log_probs"] = old_lp
+        return loss, metrics
     return objective
 
 
@@ -158,29 +178,63 @@ class PostTrainer:
     config: object
     model: object
     ref_model: object
-    tokenizer: object
     mesh: object
     rules: tuple
     update: object
     score: object
     shardings: object
+    batch_sharding: object
     abstract: object
     setup: object
+    updates_per_step: int  # GRPO's μ (post_train.updates_per_rollout); DPO: 1.
+
+    @functools.cached_property
+    def tokenizer(self):  # Loaded on first use: --compile_only needs none.
+        return tokenizers.get_tokenizer(self.config.data)
+
+    def start_state(self):
+        """-> (the run's fresh state, config.init_from's report or {}): the start
+        parameters (`start_params`) loaded over an init that draws only those the
+        checkpoint lacks (the fresh adapter), as the loop's `Trainer.init_state_from`."""
+        config = self.config
+        if not config.init_from:
+            return model_setup.init_train_state(self.model, self.setup.tx,
+                                                config.data.seq_len, config.seed,
+                                                self.shardings), {}
+        return trainer_lib.init_state_from(self.setup, self.shardings, config.data.seq_len,
+                                           config.init_from, config.seed, load=start_params)
 
     @property
     def stop(self):
         return rollout.stop_id(self.tokenizer, self.config.data.prompt_format)
 
 
-def build(config, objective_of):
+def update_rows(config, objective_of):
+    """Rows of the update batch: GRPO prompts_per_step * G; DPO 2 * data.batch_size."""
+    if objective_of is grpo_objective:
+        return int(config.post_train.prompts_per_step * config.post_train.group_size)
+    return 2 * int(config.data.batch_size)
+
+
+def update_setup(config, updates_per_step):
+    """trainer_lib.abstract_setup with the learning-rate schedule spread over every
+    update: train.num_steps rollouts of `updates_per_step` updates each."""
+    if updates_per_step > 1:
+        config = config.copy_and_resolve_references()
+        config.train.num_steps = int(config.train.num_steps) * updates_per_step
+    return trainer_lib.abstract_setup(config)
+
+
+def build(config, objective_of, devices=None):
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
-    mesh = partitioning.make_mesh(config.mesh)
-    rows = (config.post_train.prompts_per_step * config.post_train.group_size
-            if objective_of is grpo_objective else 2 * config.data.batch_size)
+    mesh = partitioning.make_mesh(config.mesh, devices)
+    rows = update_rows(config, objective_of)
     partitioning.check_batch_divides(rows, mesh, "the update batch's rows (GRPO: "
                                      "post_train.prompts_per_step * group_size; DPO: 2 * "
                                      "data.batch_size)")
-    setup = trainer_lib.abstract_setup(config)
+    updates_per_step = (int(config.post_train.updates_per_rollout)
+                        if objective_of is grpo_objective else 1)
+    setup = update_setup(config, updates_per_step)
     model = setup.model
     ref_model = logprobs.reference_model(model) or model
     shardings = model_setup.state_shardings(setup.boxed, mesh, rules)
@@ -198,10 +252,49 @@ def build(config, objective_of):
             ref_lp = logprobs.reference_token_log_probs(ref_model, ref_params, params, batch)
             return token_lp, ref_lp
         score = jax.jit(score)
-    tokenizer = tokenizers.get_tokenizer(config.data)
-    return PostTrainer(config, model, ref_model, tokenizer, mesh, rules, update, score,
-                       shardings, ckpt.abstract_with_shardings(setup.abstract, shardings),
-                       setup)
+    return PostTrainer(config, model, ref_model, mesh, rules, update, score, shardings,
+                       batch_sharding, ckpt.abstract_with_shardings(setup.abstract, shardings),
+                       setup, updates_per_step)
+
+
+OBJECTIVES = {"grpo": grpo_objective, "dpo": dpo_objective}  # config.task -> objective.
+
+
+# --- Ahead of time (--dry_run, --compile_only) --------------------------------------------
+
+def describe_update_step(config, setup):
+    """The update step's facts for --dry_run (nothing built, nothing allocated): its
+    rows, the reference policy (the adapter switched off, or a frozen copy of the
+    parameters and the bytes it adds), GRPO's updates per rollout."""
+    objective_of = OBJECTIVES[config.task]
+    adapter_off = logprobs.reference_model(setup.model) is not None
+    params = jax.tree.leaves(setup.abstract.params)
+    facts = {"update_step": config.task, "update_rows": update_rows(config, objective_of),
+             "reference": "adapter_off" if adapter_off else "frozen_copy",
+             "reference_param_bytes": 0 if adapter_off else int(sum(
+                 np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in params))}
+    if objective_of is grpo_objective:
+        facts["updates_per_rollout"] = int(config.post_train.updates_per_rollout)
+    return facts
+
+
+def abstract_update_step(config, devices=None):
+    """The compiled update step of config.task ("grpo" | "dpo") with abstract state,
+    reference and batch (rollout.update_batch's fields; GRPO's advantages) over
+    `devices`, for train/aot.py: the step a run trains with, not the prefix-LM one."""
+    from train.aot import StepToCompile
+
+    objective_of = OBJECTIVES[config.task]
+    pt = build(config, objective_of, devices)
+    rows = update_rows(config, objective_of)
+    example = rollout.update_batch([[0]] * rows, [[0]] * rows, int(config.data.seq_len), 0)
+    if objective_of is grpo_objective:
+        example["advantages"] = np.zeros((rows,), np.float32)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=pt.batch_sharding)
+             for k, v in example.items()}
+    ref_params = None if pt.ref_model is not pt.model else pt.abstract.params
+    return StepToCompile(pt.update, (pt.abstract, ref_params, batch), pt.mesh, pt.rules,
+                         pt.setup, rows, describe_update_step(config, pt.setup))
 
 
 # --- Evaluation ---------------------------------------------------------------------------
@@ -345,6 +438,25 @@ def dpo_batch(pt, pairs, step):
     return batch, {"completion_tokens": float(np.mean([len(a) for a in answers]))}
 
 
+def update_on_rollout(pt, state, ref_params, local):
+    """`pt.updates_per_step` updates on one rollout's batch -> (state, metrics: each the
+    mean over the updates; "nonfinite" if any update's loss was). The first update's
+    log-probs (the sampling policy's) are every later update's π_old."""
+    batch = pipeline.to_global_batch(local, pt.mesh)
+    updates = []
+    for _ in range(pt.updates_per_step):
+        with jax.set_mesh(pt.mesh), nn.logical_axis_rules(pt.rules):
+            state, metrics = pt.update(state, ref_params, batch)
+        sampling_lp = metrics.pop("sampling_log_probs", None)
+        if sampling_lp is not None:
+            batch = {**batch, "old_log_probs": jax.device_put(sampling_lp, pt.batch_sharding)}
+        updates.append(jax.device_get(metrics))
+    if len(updates) == 1:
+        return state, updates[0]
+    return state, {k: np.max([u[k] for u in updates]) if k == "nonfinite"
+                   else np.mean([u[k] for u in updates]) for k in updates[0]}
+
+
 # --- The run ------------------------------------------------------------------------------
 
 def write_reward_curve(workdir):
@@ -380,36 +492,38 @@ def _flat_eval(results):
             if k != "count"}
 
 
-def run_grpo(config, workdir):
+def run_grpo(config, workdir, allow_config_change=()):
     """Task "grpo": see the module docstring."""
-    return run(config, workdir, "grpo")
+    return run(config, workdir, "grpo", allow_config_change)
 
 
-def run_dpo(config, workdir):
+def run_dpo(config, workdir, allow_config_change=()):
     """Task "dpo": see the module docstring."""
-    return run(config, workdir, "dpo")
+    return run(config, workdir, "dpo", allow_config_change)
 
 
-def run(config, workdir, algo):
+def run(config, workdir, algo, allow_config_change=()):
     """Trains `algo` ("grpo" | "dpo") in `workdir`, resuming from its latest checkpoint;
-    writes results.json (the start's and the end's evaluation)."""
+    writes results.json (the start's and the end's evaluation). `allow_config_change`:
+    fields a restart may change beyond the safe ones (train/resume_check.py)."""
     check(config)
     # A restart under another config would continue these checkpoints (and rollouts)
     # under a different computation: refused before anything loads, as the loop does.
-    check_resume(run_record.read_recorded_config(workdir), config.to_dict(), workdir)
+    changes = check_resume(run_record.read_recorded_config(workdir), config.to_dict(),
+                           workdir, allow_config_change)
+    for field, (old, new) in changes.items():
+        log.warning("Restart with config.%s changed: %r -> %r", field, old, new)
     os.makedirs(workdir, exist_ok=True)
     train_examples = prefix_lm_examples.load_split(config.data, config.data.train_split)
     eval_examples = prefix_lm_examples.load_split(config.data, config.data.test_split)
     eval_examples = eval_examples[:int(config.post_train.eval_questions)]
-    pt = build(config, grpo_objective if algo == "grpo" else dpo_objective)
+    pt = build(config, OBJECTIVES[algo])
     run_record.write_run_record(workdir, config)
-    run_record.append_run_history(workdir, config, {})
+    run_record.append_run_history(workdir, config, changes)
 
     # The start (fresh or resumed) and the reference.
-    fresh = model_setup.init_train_state(pt.model, pt.setup.tx, config.data.seq_len,
-                                         config.seed, pt.shardings)
-    params, report = (start_params(config.init_from, fresh.params) if config.init_from
-                      else (fresh.params, {}))
+    initial, report = pt.start_state()
+    params = initial.params
     ref_params = None if pt.ref_model is not pt.model else jax.tree.map(jnp.copy, params)
     checkpoints = ckpt.Checkpoints(workdir, config.train)
     restored = checkpoints.restore_latest_intact(pt.abstract)
@@ -417,14 +531,12 @@ def run(config, workdir, algo):
         step, state, _ = restored
         log.info("Resumed %s from step %d in %s", algo, step, workdir)
     else:
-        step = 0
-        opt_state = jax.jit(pt.setup.tx.init, out_shardings=pt.shardings.opt_state)(params)
-        state = fresh.replace(params=params, opt_state=opt_state)
+        step, state = 0, initial
         if report:
             atomic_write_json(os.path.join(workdir, "init_from.json"),
                               {k: v if not isinstance(v, list) else len(v)
                                for k, v in report.items()})
-    del fresh
+    del initial
 
     results_path = os.path.join(workdir, "start_eval.json")
     if not os.path.exists(results_path):  # The start's evaluation: the reference's.
@@ -448,17 +560,15 @@ def run(config, workdir, algo):
             else:
                 local, extra = dpo_batch(pt, pairs, step)
             start = time.perf_counter()
-            with jax.set_mesh(pt.mesh), nn.logical_axis_rules(pt.rules):
-                state, metrics = pt.update(state, ref_params,
-                                           pipeline.to_global_batch(local, pt.mesh))
-            metrics = jax.device_get(metrics)
+            state, metrics = update_on_rollout(pt, state, ref_params, local)
             update_s = time.perf_counter() - start
             step += 1
             if metrics.pop("nonfinite"):
                 raise FloatingPointError(f"Non-finite {algo} loss at step {step}; the last "
                                          f"good checkpoint is {checkpoints.latest_step()}")
             record = {f"train/{k}": float(v) for k, v in {**metrics, **extra}.items()}
-            record["update_tokens_per_s"] = float(local["segment_ids"].sum()) / update_s
+            record["update_tokens_per_s"] = (float(local["segment_ids"].sum())
+                                             * pt.updates_per_step / update_s)
             if step % train_cfg.eval_every == 0 and step < num_steps:
                 record.update(_flat_eval(evaluate_modes(pt, state.params, ref_params,
                                                         eval_examples)))

@@ -16,16 +16,32 @@ def check_post_training(config):
     PrefixLM().check(config)
 
 
-class Grpo(Task):
-    name = "grpo"
-    runner = "train.post_training.run:run_grpo"
+class PostTraining(Task):
+    """What GRPO and DPO share: the runner's checks and its compiled update step."""
+
     # Its prompts are the generator's examples (data.qa_dir, data.prompt_format): the
-    # loop's view of the data (--compile_only, checks) is prefix_lm's.
+    # loop's view of the data (checks) is prefix_lm's; the step it compiles is the
+    # runner's update (--dry_run, --compile_only).
     loop_task = "prefix_lm"
     prepared_corpus = False
 
     def check(self, config):
         check_post_training(config)
+
+    def step_to_compile(self, config, devices):
+        from train.post_training import run
+
+        return run.abstract_update_step(config, devices)
+
+    def describe_step(self, config, setup):
+        from train.post_training import run
+
+        return run.describe_update_step(config, setup)
+
+
+class Grpo(PostTraining):
+    name = "grpo"
+    runner = "train.post_training.run:run_grpo"
 
 
 register(Grpo())

@@ -78,6 +78,17 @@ class Task:
                 "positions": ((rows, length), "int32"),
                 "example_weight": ((rows,), "float32")}
 
+    # --- The step a run trains with (--dry_run, --compile_only) -------------------------
+    def step_to_compile(self, config, devices):
+        """A runner's own compiled step (GRPO's and DPO's update) as a train/aot.py
+        `StepToCompile` over `devices`; None: the loop's train step (train/trainer.py)."""
+        return None
+
+    def describe_step(self, config, setup) -> dict:
+        """Facts about that step for --dry_run's params.json, from the abstract `setup`
+        (train/trainer.py `Setup`); {} for the loop's train step."""
+        return {}
+
     def lm_positions_fraction(self, config) -> float:
         """Fraction of positions the vocabulary-sized head runs at (for FLOPs)."""
         return 0.0
