@@ -138,8 +138,10 @@ class FakeTrainer:
                        "knowledge_base": {"passages": 1000},
                        "new_information": {
                            "passages": 4, "questions": 4,
-                           "before": {"f1": 0.1, "gold_contained": 0.0, "per_question": per_question(0, 0.1, 0, 4)},
-                           "after": {"f1": 0.3, "gold_contained": 0.75, "per_question": per_question(0, 0.3, 3, 4)}}}
+                           "before": {"f1": 0.1, "gold_contained": 0.0,
+                                      "per_question": per_question(0, 0.1, 0, 4)},
+                           "after": {"f1": 0.3, "gold_contained": 0.75,
+                                     "per_question": per_question(0, 0.3, 3, 4)}}}
             shots = config.rag.in_context_k
             if shots:  # The config's k, and figures the report must carry over.
                 results["in_context"] = {"k": shots, **{setting: {
