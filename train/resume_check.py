@@ -6,10 +6,18 @@ change how long the run goes, how often it logs, evaluates and saves, and where 
 run history. Any other change (model, tokenizer, data, task, objective, optimizer, seed)
 would continue the checkpoints under a different computation, so it is refused with a
 diff, unless named explicitly (`launch.main --allow_config_change=<field>,...`).
+
+A field the recorded config lacks was added to the code after the run started; new fields
+default to the behaviour the code had before them, so they are taken at their current
+values (logged and recorded in the run history) instead of refusing every run made by an
+older version. A field the code no longer has is still refused.
 """
 
 import fnmatch
 import json
+import logging
+
+log = logging.getLogger("strata")
 
 # Dotted config fields (fnmatch patterns) a resumed run may change.
 SAFE_TO_CHANGE = (
@@ -54,7 +62,11 @@ def check_resume(recorded, new, workdir, allowed=()):
     if recorded is None:
         return {}
     changes = config_changes(recorded, new)
-    refused = {k: v for k, v in changes.items() if not is_safe(k, allowed)}
+    added = sorted(set(flatten(new)) - set(flatten(recorded)))
+    if added:
+        log.warning("%s: config fields added since this run started, taken at their current "
+                    "values: %s", workdir, ", ".join(f"{k}={changes[k][1]!r}" for k in added))
+    refused = {k: v for k, v in changes.items() if k not in added and not is_safe(k, allowed)}
     if refused:
         lines = "\n".join(f"  config.{k}: {old!r} (recorded) -> {value!r} (now)"
                           for k, (old, value) in refused.items())

@@ -12,7 +12,7 @@ import pytest
 from configs import scratch
 from train import checkpoints as ckpt
 from train import loop
-from train.resume_check import ConfigChangedError, config_changes, is_safe
+from train.resume_check import ConfigChangedError, check_resume, config_changes, is_safe
 from train.workdir_lock import WorkdirBusyError, WorkdirLock
 
 
@@ -88,6 +88,19 @@ def test_restart_with_changed_config(wordnet_data_dir, tmp_path):
     assert [h["changes"] for h in history] == [
         {}, {"train.log_every": [1, 5], "train.num_steps": [3, 5]},
         {"optim.lr": [0.001, 0.0005], "train.num_steps": [3, 6]}]
+
+
+def test_fields_added_to_the_code_since_a_run_started_do_not_block_its_resume(tmp_path):
+    """A newer code version adds `post_train.new_knob`: the old run resumes (the field is
+    recorded as a change); a changed or removed field is still refused."""
+    recorded = {"optim": {"lr": 1e-3}, "post_train": {"kl_coef": 0.1}}
+    newer = {"optim": {"lr": 1e-3}, "post_train": {"kl_coef": 0.1, "new_knob": 1}}
+    assert check_resume(recorded, newer, str(tmp_path)) == {"post_train.new_knob": [None, 1]}
+    with pytest.raises(ConfigChangedError, match="config.optim.lr: 0.001"):
+        check_resume(recorded, {**newer, "optim": {"lr": 2e-3}}, str(tmp_path))
+    with pytest.raises(ConfigChangedError, match="config.post_train.kl_coef: 0.1 "
+                                                 r"\(recorded\) -> None"):
+        check_resume(recorded, {"optim": {"lr": 1e-3}, "post_train": {}}, str(tmp_path))
 
 
 def test_config_diff_and_safe_fields():
