@@ -89,15 +89,16 @@ def checked_config(config_path, trial, cli_overrides=()):
     return config
 
 
-def prepare(config_path, workdir, cli_overrides=(), spec=None):
+def prepare(config_path, workdir, cli_overrides=(), spec=None, trials=None):
     """-> (spec, trials, {trial name: config}, the trials' test split). Every trial's
     config is built and checked before anything runs, so a bad sweep key fails now,
     naming it; sweep.json is written.
     A bayes search's trials are those asked so far; its keys and values are checked on
     `sweeps.probe_trials` (every choice, every bound), whose configs are not returned.
-    `spec` (a SweepSpec) replaces the config file's own get_sweep (ablation parts)."""
+    `spec` (a SweepSpec) replaces the config file's own get_sweep, `trials` its trials
+    (ablation parts: with their `{best:...}` values set)."""
     spec = spec or load_sweep(config_path)
-    trials = sweeps.sweep_trials(spec, workdir)
+    trials = trials if trials is not None else sweeps.sweep_trials(spec, workdir)
     configs = {t.name: checked_config(config_path, t, cli_overrides) for t in trials}
     probes = [checked_config(config_path, t, cli_overrides)
               for t in (sweeps.probe_trials(spec) if spec.search == "bayes" else ())]
@@ -183,11 +184,12 @@ def run_parallel(config_path, workdir, trials, cli_overrides, max_parallel, on_d
 
 
 def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overrides=(),
-              run_trial=train_in_process, spec=None):
+              run_trial=train_in_process, spec=None, trials=None):
     """Runs (or prints) the unfinished trials, then writes the report; returns the names
     of failed trials. `run_trial(trial, config, trial_workdir)` trains one trial in
-    sequential mode (tests pass a cheap stand-in)."""
-    spec, trials, configs, test_split = prepare(config_path, workdir, cli_overrides, spec)
+    sequential mode (tests pass a cheap stand-in); `spec` and `trials` as in prepare."""
+    spec, trials, configs, test_split = prepare(config_path, workdir, cli_overrides, spec,
+                                                trials)
     bayes = sweeps.BayesSearch(workdir, spec) if spec.search == "bayes" else None
     if bayes and mode == "print":
         raise ValueError("--mode=print: a search='bayes' sweep asks each trial from the "
@@ -339,9 +341,21 @@ def run_ablation(config_path, workdir, mode="sequential", max_parallel=2, cli_ov
         log.info("Part %d/%d %s: %s (%.0f s so far)", i + 1, len(parts), part.name,
                  part.title, time.perf_counter() - start)
         part_start = time.perf_counter()
+        try:  # Its `{best:...}` overrides, from the earlier parts' results on disk.
+            trials = ablations.resolve_trials(workdir, parts, part)
+        except ValueError as error:
+            if mode in ("sequential", "parallel"):
+                raise
+            # print: the part's commands wait for the results; collect: report as named.
+            log.warning("Part %s: %s", part.name, error)
+            if mode == "print":
+                print(f"# Part {part.name}: after the parts before it have finished, "
+                      f"re-run --mode=print ({error})")
+                continue
+            trials = None
         part_failed = run_sweep(part.config, ablations.part_dir(workdir, part), mode,
                                 max_parallel, (*part.overrides, *cli_overrides),
-                                run_trial, spec=part.spec)
+                                run_trial, spec=part.spec, trials=trials)
         if mode != "print":
             ablations.record_part_time(workdir, part, time.perf_counter() - part_start,
                                        part_failed)

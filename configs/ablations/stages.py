@@ -6,6 +6,11 @@ r"""The stages compared side by side on WordNet: one ablation, one report.
 Parts (each a resumable sweep in `W/<part>/`, run in this order; `W/report.md` at the end,
 written by train/experiments/stages_report.py):
   pretrain   BERT-style MLM pre-training on the training synsets' glosses and examples.
+  lr_search  (scale=full, or lr_search=true) every method of `finetune` and `methods`
+             (full fine-tuning included) from the MLM checkpoint at 100% of the labels,
+             one seed, at LR_MULTIPLIERS x its default learning rate: each method's rate
+             is the one best on validation accuracy, and `finetune` and `methods` train
+             at it (`{best:lr_search:optim.lr}`, train/experiments/ablations.py).
   scratch    supervised training from random init at 1%, 10% and 100% of the labels,
   finetune   the same runs (same steps, batch, seeds, model) from the MLM checkpoint:
              the data-requirement comparison.
@@ -26,9 +31,11 @@ written by train/experiments/stages_report.py):
 
 Equal budgets: every supervised run takes the same steps, batch and sequence length;
 methods use their own default learning rate (model/finetune_methods.py, scaled by
-`lr_scale` for the small model). `scale=demo` (default) fits a 2-core CPU in minutes
-(the tiny model, seed 0); `scale=full` is meant for an accelerator (the mini model,
-longer runs, three seeds, the full RAG config).
+`lr_scale` for the small model), or with `lr_search` the one selected on validation
+(`lr_search=true|false` overrides the scale's choice; the demo's time budget leaves it
+off). `scale=demo` (default) fits a 2-core CPU in minutes (the tiny model, seed 0);
+`scale=full` is meant for an accelerator (the mini model, longer runs, three seeds, the
+full RAG config).
 """
 
 from configs import common
@@ -38,24 +45,34 @@ from model import finetune_methods
 # the table's order.
 METHODS = tuple(m for m in finetune_methods.METHODS if m != "full")
 LABEL_FRACTIONS = [0.01, 0.1, 1.0]
+# The learning-rate search's grid, as multiples of each method's default: half a decade
+# apart, so three runs span a decade around the table's guess, and a best rate at either
+# end shows the guess was off by more (the report marks it) at a cost of 3 runs a method.
+LR_MULTIPLIERS = (1 / 3, 1.0, 3.0)
 SCALES = {
-    # size, MLM steps, supervised steps, batch, seeds, MiniLM, lr_scale, RAG, search.
+    # size, MLM steps, supervised steps, batch, seeds, MiniLM, lr_scale, lr_search, RAG,
+    # search.
     "demo": dict(size="tiny", mlm_steps=1200, steps=400, batch=32, seeds=3,
-                 minilm_steps=40, minilm_methods=["lora"], lr_scale=15.0,
+                 minilm_steps=40, minilm_methods=["lora"], lr_scale=15.0, lr_search=False,
                  rag="runlocal,gen=smollm2", rag_questions=48, rag_tuned="", in_context_k=3,
                  search_trials=3),
     "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=3,
                  minilm_steps=1500, minilm_methods=["full", "lora"], lr_scale=3.0,
+                 lr_search=True,
                  rag="gen=smollm2", rag_questions=2000, in_context_k=3,
                  rag_tuned="gen=smollm2,method=lora", search_trials=8),
 }
 
 
 def get_ablation(arg=None):
-    arg = common.parse_arg(arg, scale="demo", seed_base=0)
+    arg = common.parse_arg(arg, scale="demo", seed_base=0, lr_search=None)
     if arg.scale not in SCALES:
         raise ValueError(f"scale={arg.scale!r}; expected one of {sorted(SCALES)}")
     s = SCALES[arg.scale]
+    if arg.lr_search is not None and str(arg.lr_search).lower() not in ("true", "false"):
+        raise ValueError(f"lr_search={arg.lr_search!r}; expected true or false")
+    lr_search = (s["lr_search"] if arg.lr_search is None
+                 else str(arg.lr_search).lower() == "true")
     # seed_base=B: every seed of the ablation (pre-training's included) shifted by B, for
     # a re-run that checks its findings do not hang on the seeds.
     base = arg.seed_base
@@ -76,6 +93,8 @@ def get_ablation(arg=None):
     finetune = (f"configs/finetune.py:size={s['size']},lr_scale={s['lr_scale']},"
                 f"freeze_blocks={half}")
     seeds = dict(seeds=seed_list)
+    # Each method at the rate its lr_search trials chose on validation (or its default).
+    selected_lr = {"optim.lr": "{best:lr_search:optim.lr}"} if lr_search else {}
     return dict(report="stages", parts=[
         dict(name="pretrain", title="MLM pre-training",
              config=f"configs/pretrain_mlm.py:size={s['size']}", sweep=dict(seeds=[base]),
@@ -84,6 +103,13 @@ def get_ablation(arg=None):
                         "optim.warmup_steps": s["mlm_steps"] // 20,
                         "train.eval_every": s["mlm_steps"] // 2,
                         "train.checkpoint_every": s["mlm_steps"] // 2, **evals}),
+        *([dict(name="lr_search", title="Learning rate per method, chosen on validation",
+                config=finetune,
+                sweep=dict(grid={"arg.method": list(finetune_methods.METHODS),
+                                 "arg.lr_scale": [s["lr_scale"] * m for m in LR_MULTIPLIERS]},
+                           seeds=[base], metric="validation/accuracy", mode="max"),
+                overrides={"init_from": pretrained, "data.label_fraction": 1.0,
+                           **supervised})] if lr_search else []),
         dict(name="scratch", title="Training from scratch",
              config=f"{finetune},method=full",
              sweep=dict(grid={"data.label_fraction": LABEL_FRACTIONS}, **seeds),
@@ -91,10 +117,10 @@ def get_ablation(arg=None):
         dict(name="finetune", title="MLM pre-training, then full fine-tuning",
              config=f"{finetune},method=full",
              sweep=dict(grid={"data.label_fraction": LABEL_FRACTIONS}, **seeds),
-             overrides={"init_from": pretrained, **supervised}),
+             overrides={"init_from": pretrained, **supervised, **selected_lr}),
         dict(name="methods", title="Fine-tuning methods from the MLM checkpoint",
              config=finetune, sweep=dict(grid={"arg.method": list(METHODS)}, **seeds),
-             overrides={"init_from": pretrained, **supervised}),
+             overrides={"init_from": pretrained, **supervised, **selected_lr}),
         dict(name="minilm", title="Fine-tuning the imported all-MiniLM-L6-v2",
              config="configs/finetune.py:hf=minilm",
              sweep=dict(grid={"arg.method": s["minilm_methods"]}, seeds=[base]),

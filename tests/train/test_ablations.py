@@ -29,7 +29,8 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
     parts, report = load_stages(tmp_path, f"scale={scale}")
     assert report == "stages"
     names = [p.name for p in parts]
-    assert names == ["pretrain", "scratch", "finetune", "methods", "minilm", "rag",
+    assert names == ["pretrain", *(["lr_search"] if scale == "full" else []), "scratch",
+                     "finetune", "methods", "minilm", "rag",
                      *(["rag_tuned"] if scale == "full" else []), "search"]
     pretrain_trial = sweeps.enumerate_trials(parts[0].spec)[0]
     pretrained = os.path.join(str(tmp_path), "pretrain", pretrain_trial.name)
@@ -39,8 +40,8 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
             config = sweeps.trial_config(part.config, trial, part.overrides)
             validate(config)
             configs[(part.name, trial.name)] = config
-    supervised = {k: c for k, c in configs.items() if k[0] in ("scratch", "finetune",
-                                                               "methods", "search")}
+    supervised = {k: c for k, c in configs.items() if k[0] in (
+        "lr_search", "scratch", "finetune", "methods", "search")}
     # Fine-tuned runs start from the pre-training part's run; scratch from nothing.
     for (part, _), config in supervised.items():
         assert config.init_from == ("" if part == "scratch" else pretrained), part
@@ -86,6 +87,9 @@ def test_part_errors_name_the_part(tmp_path):
         ablations.parse_ablation(dict(parts=[{
             **good, "sweep": dict(grid={"optim.lr": [1e-3, 1e-2]}),
             "overrides": {"optim.lr": 1e-4}}]), tmp_path)
+    with pytest.raises(ValueError, match=r"names part 'b', which is not declared before"):
+        ablations.parse_ablation(dict(parts=[{
+            **good, "overrides": {"optim.lr": "{best:b:optim.lr}"}}]), tmp_path)
     with pytest.raises(ValueError, match="no parts"):
         ablations.parse_ablation(dict(parts=[]), tmp_path)
     parts, _ = ablations.parse_ablation(dict(parts=[{
@@ -193,6 +197,9 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
     assert "| 100% | 1000 | 13 | 50.0% |" in report
     assert "Closed-book vs RAG\n\nNot run." in report  # The failed part, not a crash.
     assert "1,000 (1.00%)" in report  # Trainable share of a PEFT method.
+    # No learning-rate search in the demo: defaults, and no section for it.
+    assert "each method at its default learning rate" in report
+    assert "only the initialisation differs" in report and "## 6." not in report
     for png in ("data_requirement.png", "methods.png"):
         assert os.path.getsize(os.path.join(workdir, png)) > 1000
     record = json.load(open(os.path.join(workdir, "ablation.json")))
@@ -244,7 +251,8 @@ def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_pat
     monkeypatch.setattr(launch_sweep.sweep_report, "write_report",
                         lambda *a, **k: collections.defaultdict(str))
     workdir = str(tmp_path / "stages")
-    parts, report = load_stages(workdir, "scale=full")
+    # Each method at its default rate (the learning-rate search is the tests' below).
+    parts, report = load_stages(workdir, "scale=full,lr_search=false")
     two_methods = {"arg.method": ["bitfit", "lora"]}
     parts = [dataclasses.replace(p, spec=dataclasses.replace(p.spec, grid=two_methods))
              if p.name == "methods" else p
@@ -301,3 +309,177 @@ def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_pat
     assert text.count(", p = ") + text.count(", p < 0.001") == 3
     assert text.count(", not significant (p = ") == 2
     assert "3 seeds: a cell is mean ± sd [95% Student-t interval" in text
+
+
+class PeakedTrainer(FakeTrainer):
+    """FakeTrainer whose lr_search runs peak on validation at a method-dependent
+    multiple of the default learning rate, with test accuracy falling as validation
+    rises (selecting on test would pick another rate); `fail_method`'s runs raise."""
+
+    def __init__(self, fail_method=None):
+        super().__init__()
+        self.fail_method = fail_method
+
+    def __call__(self, trial, config, workdir):
+        method = trial.overrides.get("arg.method")
+        if os.path.basename(os.path.dirname(workdir)) != "lr_search":
+            return super().__call__(trial, config, workdir)
+        if method == self.fail_method:
+            self.ran.append(f"lr_search/{trial.name}")
+            raise RuntimeError("diverged")
+        super().__call__(trial, config, workdir)
+        peak = (1 / 3, 1.0, 3.0)[zlib.crc32(method.encode()) % 3]
+        distance = np.log(trial.overrides["arg.lr_scale"] / 15.0 / peak) ** 2
+        path = os.path.join(workdir, "results.json")
+        results = json.load(open(path))
+        results["validation"]["accuracy"] = 0.5 - 0.1 * distance
+        results["test"]["accuracy"] = 0.3 + 0.1 * distance
+        json.dump(results, open(path, "w"))
+
+
+def lr_search_parts(workdir, methods=("bitfit", "lora", "ia3")):
+    """The demo with lr_search=true, one seed and a few methods: lr_search, finetune
+    and methods (their pre-training is a path only)."""
+    parts, report = load_stages(workdir, "lr_search=true")
+    grid = {"arg.method": list(methods)}
+    short = []
+    for part in parts:
+        spec = dataclasses.replace(part.spec, seeds=(0,))
+        if part.name == "lr_search":
+            spec = dataclasses.replace(spec, grid={"arg.method": ["full", *methods],
+                                                   "arg.lr_scale": spec.grid["arg.lr_scale"]})
+        elif part.name == "methods":
+            spec = dataclasses.replace(spec, grid=grid)
+        elif part.name != "finetune":
+            continue
+        short.append(dataclasses.replace(part, spec=spec))
+    return short, report
+
+
+def test_lr_search_selects_each_methods_rate_on_validation_and_resumes(tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(launch_sweep.sweep_report, "write_report",
+                        lambda *a, **k: collections.defaultdict(str))
+    workdir = str(tmp_path / "stages")
+    parts, report = lr_search_parts(workdir)
+    assert [p.name for p in parts] == ["lr_search", "finetune", "methods"]
+    trainer = PeakedTrainer()
+    assert launch_sweep.run_ablation(STAGES, workdir, run_trial=trainer,
+                                     ablation=(parts, report)) == []
+    # The search: every method x 3 rates, one seed, 100% of the labels, before the rest.
+    search = sweeps.enumerate_trials(parts[0].spec)
+    assert len(search) == 4 * 3 and trainer.ran[:12] == [f"lr_search/{t.name}" for t in search]
+
+    def read(part, trial_name, name):
+        return json.load(open(os.path.join(workdir, part, trial_name, name)))
+
+    # The argmax on validation per method, from the files the search wrote.
+    best, best_on_test = {}, {}
+    for trial in search:
+        method = trial.overrides["arg.method"]
+        config = read("lr_search", trial.name, "config.json")
+        results = read("lr_search", trial.name, "results.json")
+        assert config["data"]["label_fraction"] == 1.0 and config["seed"] == 0
+        for chosen, split in ((best, "validation"), (best_on_test, "test")):
+            score = results[split]["accuracy"]
+            if method not in chosen or score > chosen[method][1]:
+                chosen[method] = (config["optim"]["lr"], score)
+    best = {m: lr for m, (lr, _) in best.items()}
+    assert len(set(best.values())) > 1  # Not one rate for all: the fake's peaks differ.
+    assert all(best[m] != best_on_test[m][0] for m in best)  # Test would choose otherwise.
+    # Later parts train each method at its chosen rate; sweep.json records it.
+    for part in parts[1:]:
+        for trial in sweeps.enumerate_trials(part.spec):
+            method = trial.overrides.get("arg.method", "full")
+            assert read(part.name, trial.name, "config.json")["optim"]["lr"] == best[method]
+        recorded = read(part.name, "", "sweep.json")["trials"]
+        assert {t["overrides"]["optim.lr"] for t in recorded} <= set(best.values())
+
+    # The report: the rates tried with their validation accuracy, the chosen one in bold.
+    from train.experiments import stages_report
+
+    text = open(stages_report.write_report(workdir, parts)).read()
+    assert "each method at the learning rate selected on validation (section 6)" in text
+    assert "pre-trained runs at full fine-tuning's, the learning rate selected on " \
+           "validation (section 6)" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| lora |")
+              and "**" in line]
+    assert f"**{best['lora']:.3g}: " in row and row.count("**") == 2
+
+    # Resumed: nothing runs again and the same rates resolve from the runs on disk.
+    again = PeakedTrainer()
+    assert launch_sweep.run_ablation(STAGES, workdir, run_trial=again,
+                                     ablation=(parts, report)) == []
+    assert again.ran == []
+    for part in parts[1:]:
+        for trial in ablations.resolve_trials(workdir, parts, part):
+            assert trial.overrides["optim.lr"] == best[trial.overrides.get("arg.method",
+                                                                           "full")]
+    # A search result changed under finished runs: refused, naming trial and values.
+    loser = next(t for t in search if t.overrides["arg.method"] == "lora"
+                 and read("lr_search", t.name, "config.json")["optim"]["lr"] != best["lora"])
+    path = os.path.join(workdir, "lr_search", loser.name, "results.json")
+    results = json.load(open(path))
+    results["validation"]["accuracy"] = 0.99
+    json.dump(results, open(path, "w"))
+    with pytest.raises(ValueError, match=r"Part 'methods': trial method=lora,seed=0 "
+                                         r"finished with optim.lr="):
+        ablations.resolve_trials(workdir, parts, parts[2])
+
+
+def test_lr_search_without_a_finished_trial_names_part_and_method(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch_sweep.sweep_report, "write_report",
+                        lambda *a, **k: collections.defaultdict(str))
+    workdir = str(tmp_path / "stages")
+    parts, report = lr_search_parts(workdir, methods=("lora",))
+    trainer = PeakedTrainer(fail_method="lora")
+    with pytest.raises(ValueError, match=r"Part 'methods' \(optim.lr\): part 'lr_search' "
+                                         r"has no finished trial of method 'lora'"):
+        launch_sweep.run_ablation(STAGES, workdir, run_trial=trainer,
+                                  ablation=(parts, report))
+    # full fine-tuning's search finished, so `finetune` ran; `methods` did not start.
+    assert [r.split("/")[0] for r in trainer.ran] == ["lr_search"] * 6 + ["finetune"] * 3
+
+
+def test_lr_search_print_mode_defers_the_parts_that_wait_for_it(tmp_path, capsys):
+    parts, report = lr_search_parts(str(tmp_path / "stages"), methods=("lora",))
+    launch_sweep.run_ablation(STAGES, str(tmp_path / "stages"), mode="print",
+                              ablation=(parts, report))
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("launch.main" in line and "/lr_search/" in line for line in lines) == 6
+    assert not any("launch.main" in line and "/methods/" in line for line in lines)
+    assert any(line.startswith("# Part methods: after the parts before it have finished")
+               for line in lines)
+
+
+def test_demo_parts_and_trials_unchanged_unless_lr_search_is_asked(tmp_path):
+    def trials(parts):
+        return {p.name: (p.config, p.overrides, p.selected,
+                         [t.name for t in sweeps.enumerate_trials(p.spec)]) for p in parts}
+
+    demo = trials(load_stages(tmp_path)[0])
+    assert trials(load_stages(tmp_path, "lr_search=false")[0]) == demo
+    assert not any(selected for _, _, selected, _ in demo.values())
+    assert not any(o.startswith("optim.lr=") for part in ("finetune", "methods")
+                   for o in demo[part][1])  # Each method at its default rate.
+    # Asked: only the search part is added, and finetune/methods select their rate.
+    searched = trials(load_stages(tmp_path, "lr_search=true")[0])
+    assert list(searched) == ["pretrain", "lr_search", *list(demo)[1:]]
+    for name, (config, overrides, selected, names) in searched.items():
+        if name != "lr_search":
+            expected = ((("optim.lr", "lr_search", "optim.lr"),)
+                        if name in ("finetune", "methods") else ())
+            assert (config, overrides, selected, names) == (*demo[name][:2], expected,
+                                                            demo[name][3])
+    from model import finetune_methods
+
+    (search,) = [p for p in load_stages(tmp_path, "lr_search=true")[0]
+                 if p.name == "lr_search"]
+    lrs = {}
+    for trial in sweeps.enumerate_trials(search.spec):
+        config = sweeps.trial_config(search.config, trial, search.overrides)
+        lrs.setdefault(trial.overrides["arg.method"], []).append(config.optim.lr)
+    assert list(lrs) == list(finetune_methods.METHODS)
+    for method, values in lrs.items():  # Each method's default x 15 (demo) x 1/3, 1, 3.
+        default = finetune_methods.get(method).lr * 15.0
+        assert np.allclose(values, [default / 3, default, 3 * default], rtol=1e-9), method

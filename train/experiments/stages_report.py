@@ -37,6 +37,7 @@ def write_report(workdir, parts):
         _compute(runs, record),
         _rag(runs),
         _search(runs),
+        _lr_search(runs),
     ]
     sections.insert(1, _summary(runs, record))
     path = os.path.join(workdir, "report.md")
@@ -243,8 +244,13 @@ def _data_requirement(workdir, runs):
     return "\n".join([
         "## 1. Data requirement: from scratch vs pre-train then fine-tune",
         "",
-        "Same model, steps, batch and seeds; only the initialisation differs (random vs "
-        "the MLM checkpoint of part `pretrain`). Supersense classification, 45 classes. "
+        ("Same model, steps, batch and seeds; the initialisation differs (random vs "
+         "the MLM checkpoint of part `pretrain`), and so may the learning rate: the "
+         f"pre-trained runs at full fine-tuning's, {_LR_SELECTED} at 100% of the "
+         "labels; the scratch runs at its default. " if _lr_selected(runs, "finetune")
+         else "Same model, steps, batch and seeds; only the initialisation differs "
+         "(random vs the MLM checkpoint of part `pretrain`). ")
+        + "Supersense classification, 45 classes. "
         "Epochs = examples seen (steps × batch) / labelled examples: where it is below 1, "
         "more labels cannot help at this budget and differences between those rows are "
         "noise of one short run. " + _seeds_note(seeds) + " Gain: pre-trained minus "
@@ -333,8 +339,9 @@ def _methods(workdir, runs):
     return "\n".join([
         "## 2. Fine-tuning methods (100% of the labels)",
         "",
-        "From the same MLM checkpoint, same steps and batch; each method at its default "
-        "learning rate. Trainable parameters include the new classification head. Step "
+        "From the same MLM checkpoint, same steps and batch; each method at "
+        + (_LR_SELECTED if _lr_selected(runs, "methods") else "its default learning rate")
+        + ". Trainable parameters include the new classification head. Step "
         "memory is XLA's compiled train-step footprint per device (arguments, outputs and "
         "temporaries; the CPU backend reports no temporaries, so on CPU it is parameters, "
         "optimizer state and the batch). Forgetting: held-out MLM loss of the encoder (under the "
@@ -565,6 +572,65 @@ def _search(runs):
         f"Best on validation: `{best[0]['name']}` — validation "
         f"{_pct([_value(best[1], 'validation/accuracy')])}, **test "
         f"{_pct([_value(best[1], 'test/accuracy')])}**.",
+    ])
+
+
+_LR_SELECTED = "the learning rate selected on validation (section 6)"
+
+
+def _lr_selected(runs, part):
+    """Whether the part's trials trained at lr_search's choice (sweep.json records the
+    `{best:lr_search:optim.lr}` value in each trial's overrides)."""
+    return any("optim.lr" in t["overrides"] for t, _, _ in runs.get(part, []))
+
+
+def _trial_lr(trial_dir):
+    """The learning rate a run trained at (its config.json), or None."""
+    path = os.path.join(trial_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["optim"]["lr"]
+
+
+def _lr_search(runs):
+    """Per method: the learning rates tried, their validation accuracy (mean over seeds)
+    and the best one in bold, the rule train/experiments/ablations.py selects by."""
+    done = _finished(runs, "lr_search")
+    if not done:
+        return ""
+    tried = {}  # method -> {lr_scale: (lr, [validation accuracy over seeds])}
+    for trial, results, trial_dir in done:
+        accuracy = _value(results, "validation/accuracy")
+        if accuracy is None:
+            continue
+        entry = tried.setdefault(trial["overrides"].get("arg.method"), {}).setdefault(
+            trial["overrides"].get("arg.lr_scale"), (_trial_lr(trial_dir), []))
+        entry[1].append(accuracy)
+    rows, counts = [], [len(a) for by_scale in tried.values() for _, a in by_scale.values()]
+    seeds = "one seed" if max(counts, default=1) == 1 else f"mean of {max(counts)} seeds"
+    for method, by_scale in tried.items():
+        scored = [(scale, f"{lr:.3g}" if lr is not None else f"lr_scale={scale}",
+                   float(np.mean(accuracies)))
+                  for scale, (lr, accuracies) in by_scale.items()]
+        best = max(range(len(scored)), key=lambda i: scored[i][2])  # First on a tie.
+        cells = [f"{'**' * (i == best)}{lr}: {100 * acc:.1f}%{'**' * (i == best)}"
+                 for i, (_, lr, acc) in enumerate(scored)]
+        scales = [float(scale) for scale, _, _ in scored]
+        edge = (" (edge of the grid)" if len(scored) > 2 and float(scored[best][0]) in (
+            min(scales), max(scales)) else "")
+        rows.append((method, ", ".join(cells), scored[best][1] + edge))
+    return "\n".join([
+        "## 6. Learning rate per method, chosen on validation",
+        "",
+        f"Each method from the MLM checkpoint at 100% of the labels ({seeds}, the "
+        "same steps and batch as sections 1–2) at multiples of its default learning rate "
+        "(model/finetune_methods.py × `lr_scale`); the one with the best validation "
+        "accuracy (bold) is the one section 2 and section 1's pre-trained runs train it "
+        "at. Test accuracy played no part. A choice at the edge of the grid may lie "
+        "beyond it.",
+        "",
+        _table(["method", "learning rate: validation acc", "chosen"], rows),
     ])
 
 
