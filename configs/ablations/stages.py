@@ -1,6 +1,7 @@
 r"""The stages compared side by side on WordNet: one ablation, one report.
 
   python -m launch.sweep --config configs/ablations/stages.py --workdir runs/stages
+  python -m launch.sweep --config configs/ablations/stages.py:scale=cpu --workdir W
   python -m launch.sweep --config configs/ablations/stages.py:scale=full --workdir W
 
 Parts (each a resumable sweep in `W/<part>/`, run in this order; `W/report.md` at the end,
@@ -56,6 +57,13 @@ SCALES = {
                  minilm_steps=40, minilm_methods=["lora"], lr_scale=15.0, lr_search=False,
                  rag="runlocal,gen=smollm2", rag_questions=48, rag_tuned="", in_context_k=3,
                  search_trials=3),
+    # The reference run on a 2-core CPU (one to two hours): the demo's tiny model trained
+    # longer (4x the MLM steps, ~4x the supervised steps), learning rates searched, four
+    # times the RAG questions.
+    "cpu": dict(size="tiny", mlm_steps=5000, steps=1500, batch=32, seeds=3,
+                minilm_steps=300, minilm_methods=["lora"], lr_scale=15.0, lr_search=True,
+                rag="runlocal,gen=smollm2", rag_questions=200, rag_tuned="", in_context_k=3,
+                search_trials=8),
     "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=3,
                  minilm_steps=1500, minilm_methods=["full", "lora"], lr_scale=3.0,
                  lr_search=True,

@@ -22,14 +22,14 @@ def load_stages(workdir, arg=""):
     return launch_sweep.load_ablation(f"{STAGES}:{arg}" if arg else STAGES, str(workdir))
 
 
-@pytest.mark.parametrize("scale", ["demo", "full"])
+@pytest.mark.parametrize("scale", ["demo", "cpu", "full"])
 def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
     from train.config_checks import validate
 
     parts, report = load_stages(tmp_path, f"scale={scale}")
     assert report == "stages"
     names = [p.name for p in parts]
-    assert names == ["pretrain", *(["lr_search"] if scale == "full" else []), "scratch",
+    assert names == ["pretrain", *(["lr_search"] if scale != "demo" else []), "scratch",
                      "finetune", "methods", "minilm", "rag",
                      *(["rag_tuned"] if scale == "full" else []), "search"]
     pretrain_trial = sweeps.enumerate_trials(parts[0].spec)[0]
