@@ -326,7 +326,7 @@ def load_ablation(config_path, workdir):
         module.get_ablation(arg) if arg else module.get_ablation(), workdir)
 
 
-def run_ablation(config_path, workdir, mode="sequential", max_parallel=2, cli_overrides=(),
+def run_ablation(config_path, workdir, mode=None, max_parallel=2, cli_overrides=(),
                  run_trial=train_in_process, ablation=None):
     """Runs an ablation's parts in order (each a resumable sweep in `workdir/<part>`),
     then writes its report; returns the failed trials as `part/trial`. `ablation`: what
@@ -334,6 +334,9 @@ def run_ablation(config_path, workdir, mode="sequential", max_parallel=2, cli_ov
     import importlib
 
     parts, report = ablation or load_ablation(config_path, workdir)
+    # None: each part's own mode (ablations.part_mode); a caller's run_trial runs here.
+    chosen = mode if mode or run_trial is train_in_process else "sequential"
+    mode = mode or "sequential"
     if report and report not in REPORTS:
         raise ValueError(f"{config_path}: report={report!r}; known: {sorted(REPORTS)}")
     start, failed = time.perf_counter(), []
@@ -353,8 +356,9 @@ def run_ablation(config_path, workdir, mode="sequential", max_parallel=2, cli_ov
                       f"re-run --mode=print ({error})")
                 continue
             trials = None
-        part_failed = run_sweep(part.config, ablations.part_dir(workdir, part), mode,
-                                max_parallel, (*part.overrides, *cli_overrides),
+        part_failed = run_sweep(part.config, ablations.part_dir(workdir, part),
+                                *ablations.part_mode(part, chosen, max_parallel),
+                                (*part.overrides, *cli_overrides),
                                 run_trial, spec=part.spec, trials=trials)
         if mode != "print":
             ablations.record_part_time(workdir, part, time.perf_counter() - part_start,
@@ -379,8 +383,9 @@ def main(argv):
             failed, _ = compare_searches(f.config, f.workdir, f.compare_searches, f.mode,
                                          f.max_parallel, _cli_overrides)
         elif ablation:
-            failed = run_ablation(f.config, f.workdir, f.mode, f.max_parallel,
-                                  _cli_overrides, ablation=ablation)
+            # Without --mode, each part runs as it declares (max_parallel).
+            failed = run_ablation(f.config, f.workdir, f.mode if f["mode"].present else None,
+                                  f.max_parallel, _cli_overrides, ablation=ablation)
         else:
             failed = run_sweep(f.config, f.workdir, f.mode, f.max_parallel, _cli_overrides)
     except (KeyError, ValueError, FileNotFoundError) as error:

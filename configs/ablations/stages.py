@@ -34,9 +34,10 @@ Equal budgets: every supervised run takes the same steps, batch and sequence len
 methods use their own default learning rate (model/finetune_methods.py, scaled by
 `lr_scale` for the small model), or with `lr_search` the one selected on validation
 (`lr_search=true|false` overrides the scale's choice; the demo's time budget leaves it
-off). `scale=demo` (default) fits a 2-core CPU in minutes (the tiny model, seed 0);
-`scale=full` is meant for an accelerator (the mini model, longer runs, three seeds, the
-full RAG config).
+off). `scale=demo` (default) fits a 2-core CPU in about 20 minutes (the tiny model, 400
+steps, three seeds, two trials at a time); `scale=cpu` is its one-to-two-hour reference
+run; `scale=full` is meant for an accelerator (the mini model, longer runs, the full RAG
+config). `seed_base=B` shifts every seed by B (a re-run that checks the findings).
 """
 
 from configs import common
@@ -86,8 +87,11 @@ def get_ablation(arg=None):
     base = arg.seed_base
     seed_list = [base + i for i in range(s["seeds"])]
     pretrained = f"{{workdir}}/pretrain/seed={base}"
-    # Final evaluations on the whole validation and test splits (11.5k / 11.6k glosses).
-    evals = {"train.eval_steps": 8, "train.final_eval_steps": -1, "train.log_every": 50}
+    # Final evaluations: the whole validation and test splits (11.5k / 11.6k glosses), or
+    # at demo scale their first 40 batches of 64 (2,560 glosses each; reading and
+    # tokenising whole splits would cost each of its 48 runs ~8 s more).
+    evals = {"train.eval_steps": 8, "train.log_every": 50,
+             "train.final_eval_steps": 40 if arg.scale == "demo" else -1}
     # Supervised runs: padded to length buckets (the median gloss is 13 pieces of 48),
     # evaluated on 16 validation batches every steps/4, early-stopped after two
     # evaluations without a gain; the best checkpoint is the one evaluated on test.
@@ -101,6 +105,8 @@ def get_ablation(arg=None):
     finetune = (f"configs/finetune.py:size={s['size']},lr_scale={s['lr_scale']},"
                 f"freeze_blocks={half}")
     seeds = dict(seeds=seed_list)
+    # A tiny model's run keeps one core busy: these parts run two trials at a time.
+    parallel = dict(max_parallel=2)
     # Each method at the rate its lr_search trials chose on validation (or its default).
     selected_lr = {"optim.lr": "{best:lr_search:optim.lr}"} if lr_search else {}
     return dict(report="stages", parts=[
@@ -111,22 +117,23 @@ def get_ablation(arg=None):
                         "optim.warmup_steps": s["mlm_steps"] // 20,
                         "train.eval_every": s["mlm_steps"] // 2,
                         "train.checkpoint_every": s["mlm_steps"] // 2, **evals}),
-        *([dict(name="lr_search", title="Learning rate per method, chosen on validation",
+        *([dict(name="lr_search", **parallel,
+                title="Learning rate per method, chosen on validation",
                 config=finetune,
                 sweep=dict(grid={"arg.method": list(finetune_methods.METHODS),
                                  "arg.lr_scale": [s["lr_scale"] * m for m in LR_MULTIPLIERS]},
                            seeds=[base], metric="validation/accuracy", mode="max"),
                 overrides={"init_from": pretrained, "data.label_fraction": 1.0,
                            **supervised})] if lr_search else []),
-        dict(name="scratch", title="Training from scratch",
+        dict(name="scratch", **parallel, title="Training from scratch",
              config=f"{finetune},method=full",
              sweep=dict(grid={"data.label_fraction": LABEL_FRACTIONS}, **seeds),
              overrides=supervised),
-        dict(name="finetune", title="MLM pre-training, then full fine-tuning",
+        dict(name="finetune", **parallel, title="MLM pre-training, then full fine-tuning",
              config=f"{finetune},method=full",
              sweep=dict(grid={"data.label_fraction": LABEL_FRACTIONS}, **seeds),
              overrides={"init_from": pretrained, **supervised, **selected_lr}),
-        dict(name="methods", title="Fine-tuning methods from the MLM checkpoint",
+        dict(name="methods", **parallel, title="Fine-tuning methods from the MLM checkpoint",
              config=finetune, sweep=dict(grid={"arg.method": list(METHODS)}, **seeds),
              overrides={"init_from": pretrained, **supervised, **selected_lr}),
         dict(name="minilm", title="Fine-tuning the imported all-MiniLM-L6-v2",
@@ -150,7 +157,7 @@ def get_ablation(arg=None):
                 config=f"configs/rag.py:{s['rag_tuned']}", sweep=dict(seeds=[0]),
                 overrides={"rag.max_eval_questions": s["rag_questions"]})]
           if s["rag_tuned"] else []),
-        dict(name="search", title="Random search over learning rate and steps (LoRA)",
+        dict(name="search", **parallel, title="Random search over learning rate and steps (LoRA)",
              config=f"{finetune},method=lora",
              sweep=dict(random={"optim.lr": ("loguniform", 1e-3, 5e-2),
                                 "train.num_steps": ("int", s["steps"] // 2, 2 * s["steps"])},

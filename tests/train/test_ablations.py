@@ -483,3 +483,19 @@ def test_demo_parts_and_trials_unchanged_unless_lr_search_is_asked(tmp_path):
     for method, values in lrs.items():  # Each method's default x 15 (demo) x 1/3, 1, 3.
         default = finetune_methods.get(method).lr * 15.0
         assert np.allclose(values, [default / 3, default, 3 * default], rtol=1e-9), method
+
+
+def test_parts_declare_how_many_trials_run_at_once_unless_the_command_says(tmp_path):
+    parts, _ = load_stages(tmp_path)
+    by_name = {p.name: p for p in parts}
+    assert by_name["methods"].max_parallel == 2 and by_name["rag"].max_parallel == 1
+    # No --mode: each part its own; a --mode on the command line: every part that one.
+    assert ablations.part_mode(by_name["methods"], None, 4) == ("parallel", 2)
+    assert ablations.part_mode(by_name["rag"], None, 4) == ("sequential", 1)
+    assert ablations.part_mode(by_name["methods"], "sequential", 4) == ("sequential", 4)
+    assert ablations.part_mode(by_name["rag"], "parallel", 3) == ("parallel", 3)
+    good = dict(name="a", config=STAGES.replace("ablations/stages", "scratch"),
+                sweep=dict(seeds=[0]))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"part 0 \('a'\): max_parallel="):
+            ablations.parse_ablation(dict(parts=[{**good, "max_parallel": bad}]), tmp_path)

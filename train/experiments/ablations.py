@@ -24,6 +24,9 @@ over seeds) among those with the same `method=` colon argument as the trial. E.g
 learning-rate search part, then `"optim.lr": "{best:lr_search:optim.lr}"` trains each
 method at its own selected rate. Resolved from the runs on disk, so a resumed ablation
 resolves the same values; the trial names do not change, sweep.json records the values.
+
+A part's `max_parallel=N` runs N of its trials at once (`--mode=parallel`'s subprocesses)
+when the command names no `--mode`; a `--mode` on the command line applies to every part.
 """
 
 import dataclasses
@@ -33,7 +36,7 @@ import re
 
 from train.experiments import sweeps
 
-PART_FIELDS = ("name", "config", "sweep", "overrides", "title")
+PART_FIELDS = ("name", "config", "sweep", "overrides", "title", "max_parallel")
 BEST = re.compile(r"\{best:([A-Za-z0-9_.-]+):([A-Za-z0-9_.]+)\}")  # {best:<part>:<field>}
 MATCH_ARG = "method"  # A selected value is chosen among the source trials of this argument.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +50,9 @@ class Part:
     overrides: tuple  # "key=value" strings for every trial, `{workdir}` substituted.
     title: str
     selected: tuple = ()  # (key, source part, field) of its `{best:...}` overrides.
+    # Trials at once (launch.main subprocesses) when the ablation runs without --mode: a
+    # tiny model's trial keeps one core busy, so two fill a 2-core machine.
+    max_parallel: int = 1
 
 
 def parse_ablation(raw, workdir):
@@ -92,9 +98,13 @@ def parse_ablation(raw, workdir):
             f"{key}={_format(value).replace('{workdir}', os.path.abspath(workdir))}"
             for key, value in raw_overrides.items()
             if key not in {k for k, _, _ in selected})
+        max_parallel = part.get("max_parallel", 1)
+        if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) \
+                or max_parallel < 1:
+            raise ValueError(f"{where}: max_parallel={max_parallel!r}; expected an int >= 1")
         parts.append(Part(name=name, config=f"{path}:{arg}" if arg else path, spec=spec,
                           overrides=overrides, title=str(part.get("title", name)),
-                          selected=selected))
+                          selected=selected, max_parallel=max_parallel))
     if not parts:
         raise ValueError("The ablation declares no parts")
     return parts, raw.get("report", "")
@@ -103,6 +113,14 @@ def parse_ablation(raw, workdir):
 def _format(value):
     """A Python value as the `--config.` text parse_field_value reads back."""
     return sweeps.command_value(value) if not isinstance(value, str) else value
+
+
+def part_mode(part, mode, max_parallel):
+    """(mode, max_parallel) a part runs with: the command line's when it named a --mode,
+    else (mode None) the part's own: parallel with its `max_parallel` when above 1."""
+    if mode is not None:
+        return mode, max_parallel
+    return ("parallel", part.max_parallel) if part.max_parallel > 1 else ("sequential", 1)
 
 
 def part_dir(workdir, part):
