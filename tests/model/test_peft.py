@@ -152,7 +152,9 @@ def test_gradients_reach_the_new_params():
                          rngs={"dropout": jax.random.key(1)})["classify"]
         return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
 
-    grads = flat(jax.grad(loss)(params))
+    # Jitted: one compile of the whole backward pass (op by op, its many small transposed
+    # ops each compile on their own: ~40 s).
+    grads = flat(jax.jit(jax.grad(loss))(params))
     # LoRA's A (an adapter's down) gets no gradient while B (up) is zero at step 0; B
     # does, and then A will.
     # (P-tuning replaces prompt tuning's vectors: its own test below.)

