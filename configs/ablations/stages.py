@@ -15,10 +15,12 @@ written by train/experiments/stages_report.py):
   scratch    supervised training from random init at 1%, 10% and 100% of the labels,
   finetune   the same runs (same steps, batch, seeds, model) from the MLM checkpoint:
              the data-requirement comparison.
-  methods    every other fine-tuning method from the MLM checkpoint at 100% of the labels
+  methods    every other fine-tuning method (the demo: the PEFT methods and the linear
+             probe) from the MLM checkpoint at 100% of the labels
              (full fine-tuning is `finetune`'s 100% run): quality, trainable parameters,
              wall time, peak memory, forgetting (held-out MLM loss before / after).
-  minilm     fine-tuning the imported all-MiniLM-L6-v2 (LoRA; full too at scale=full).
+  minilm     (scale=cpu, full) fine-tuning the imported all-MiniLM-L6-v2 (LoRA; full
+             too at scale=full).
   rag        closed-book vs RAG (exact and ScaNN retrieval) vs oracle passages on WordNet
              knowledge questions, and new facts added to the index without retraining;
              the generator is the pre-trained SmolLM2-135M-Instruct (gguf:smollm2)
@@ -46,6 +48,9 @@ from model import finetune_methods
 # Every fine-tuning method but `full` (the `finetune` part's 100%-label run is it), in
 # the table's order.
 METHODS = tuple(m for m in finetune_methods.METHODS if m != "full")
+# The demo's: the PEFT methods and the linear probe (full fine-tuning's variants `freeze`
+# and `layerwise_lr_decay` run at scale=cpu and full), for its 20-minute budget.
+DEMO_METHODS = tuple(m for m in METHODS if m not in ("freeze", "layerwise_lr_decay"))
 LABEL_FRACTIONS = [0.01, 0.1, 1.0]
 # The learning-rate search's grid, as multiples of each method's default: half a decade
 # apart, so three runs span a decade around the table's guess, and a best rate at either
@@ -55,18 +60,21 @@ SCALES = {
     # size, MLM steps, supervised steps, batch, seeds, MiniLM, lr_scale, lr_search, RAG,
     # search.
     "demo": dict(size="tiny", mlm_steps=1200, steps=400, batch=32, seeds=3,
-                 minilm_steps=40, minilm_methods=["lora"], lr_scale=15.0, lr_search=False,
+                 methods=DEMO_METHODS, minilm_steps=40, minilm_methods=[], lr_scale=15.0,
+                 lr_search=False,
                  rag="runlocal,gen=smollm2", rag_questions=48, rag_tuned="", in_context_k=3,
                  search_trials=3),
     # The reference run on a 2-core CPU (one to two hours): the demo's tiny model trained
     # longer (4x the MLM steps, ~4x the supervised steps), learning rates searched, four
     # times the RAG questions.
     "cpu": dict(size="tiny", mlm_steps=5000, steps=1500, batch=32, seeds=3,
-                minilm_steps=300, minilm_methods=["lora"], lr_scale=15.0, lr_search=True,
+                methods=METHODS, minilm_steps=300, minilm_methods=["lora"], lr_scale=15.0,
+                lr_search=True,
                 rag="runlocal,gen=smollm2", rag_questions=200, rag_tuned="", in_context_k=3,
                 search_trials=8),
     "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=3,
-                 minilm_steps=1500, minilm_methods=["full", "lora"], lr_scale=3.0,
+                 methods=METHODS, minilm_steps=1500, minilm_methods=["full", "lora"],
+                 lr_scale=3.0,
                  lr_search=True,
                  rag="gen=smollm2", rag_questions=2000, in_context_k=3,
                  rag_tuned="gen=smollm2,method=lora", search_trials=8),
@@ -134,19 +142,20 @@ def get_ablation(arg=None):
              sweep=dict(grid={"data.label_fraction": LABEL_FRACTIONS}, **seeds),
              overrides={"init_from": pretrained, **supervised, **selected_lr}),
         dict(name="methods", **parallel, title="Fine-tuning methods from the MLM checkpoint",
-             config=finetune, sweep=dict(grid={"arg.method": list(METHODS)}, **seeds),
+             config=finetune, sweep=dict(grid={"arg.method": list(s["methods"])}, **seeds),
              overrides={"init_from": pretrained, **supervised, **selected_lr}),
-        dict(name="minilm", title="Fine-tuning the imported all-MiniLM-L6-v2",
-             config="configs/finetune.py:hf=minilm",
-             sweep=dict(grid={"arg.method": s["minilm_methods"]}, seeds=[base]),
-             # 22M parameters: a CPU demo evaluates it on 8 batches, not whole splits.
-             overrides={**supervised, "data.batch_size": 16, "data.seq_len": 48,
-                        "data.length_buckets": (),
-                        "train.final_eval_steps": -1 if arg.scale == "full" else 8,
-                        "train.num_steps": s["minilm_steps"],
-                        "train.eval_every": s["minilm_steps"],
-                        "train.checkpoint_every": s["minilm_steps"],
-                        "optim.warmup_steps": s["minilm_steps"] // 10}),
+        *([dict(name="minilm", title="Fine-tuning the imported all-MiniLM-L6-v2",
+                config="configs/finetune.py:hf=minilm",
+                sweep=dict(grid={"arg.method": s["minilm_methods"]}, seeds=[base]),
+                # 22M parameters: a CPU demo evaluates it on 8 batches, not whole splits.
+                overrides={**supervised, "data.batch_size": 16, "data.seq_len": 48,
+                           "data.length_buckets": (),
+                           "train.final_eval_steps": -1 if arg.scale == "full" else 8,
+                           "train.num_steps": s["minilm_steps"],
+                           "train.eval_every": s["minilm_steps"],
+                           "train.checkpoint_every": s["minilm_steps"],
+                           "optim.warmup_steps": s["minilm_steps"] // 10})]
+          if s["minilm_methods"] else []),
         # SmolLM2 answers about one question a second on a 2-core CPU: the demo asks
         # `rag_questions` held-out questions in each of the four modes.
         dict(name="rag", title="Closed-book vs retrieval-augmented generation (SmolLM2)",
