@@ -31,7 +31,8 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
     names = [p.name for p in parts]
     assert names == ["pretrain", *(["lr_search"] if scale != "demo" else []), "scratch",
                      "finetune", "methods", *(["minilm"] if scale != "demo" else []), "rag",
-                     *(["rag_tuned"] if scale == "full" else []), "search"]
+                     *(["rag_tuned"] if scale == "full" else []),
+                     *(["search"] if scale != "demo" else [])]
     pretrain_trial = sweeps.enumerate_trials(parts[0].spec)[0]
     pretrained = os.path.join(str(tmp_path), "pretrain", pretrain_trial.name)
     configs = {}
@@ -235,10 +236,7 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
     assert "3 labelled question/answer demonstrations" in icl
     assert "100 prompt tokens closed-book, 250 with passages; 0.75 s per question" in icl
     assert "closed-book 1.0% zero-shot → 12.5% 3-shot; with passages 20.0% → 37.5%" in icl
-    # The search's best trial (highest validation accuracy = highest lr here) is bold.
-    search = [t for p in parts if p.name == "search" for t in sweeps.enumerate_trials(p.spec)]
-    best = max(search, key=lambda t: t.overrides["optim.lr"])
-    assert f"| **{best.name}** |" in report and f"`{best.name}`" in report
+    assert "Hyperparameter search\n\nNot run." in report  # Not a demo part.
 
 
 def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_path,
@@ -256,7 +254,7 @@ def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_pat
     two_methods = {"arg.method": ["bitfit", "lora"]}
     parts = [dataclasses.replace(p, spec=dataclasses.replace(p.spec, grid=two_methods))
              if p.name == "methods" else p
-             for p in parts if p.name in ("scratch", "finetune", "methods")]
+             for p in parts if p.name in ("scratch", "finetune", "methods", "search")]
     assert launch_sweep.run_ablation(STAGES, workdir, run_trial=FakeTrainer(),
                                      ablation=(parts, report)) == []
     text = open(os.path.join(workdir, "report.md")).read()
@@ -309,6 +307,10 @@ def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_pat
     assert text.count(", p = ") + text.count(", p < 0.001") == 3
     assert text.count(", not significant (p = ") == 2
     assert "3 seeds: a cell is mean ± sd [95% Student-t interval" in text
+    # The search's best trial (highest validation accuracy = highest lr here) is bold.
+    search = [t for p in parts if p.name == "search" for t in sweeps.enumerate_trials(p.spec)]
+    best = max(search, key=lambda t: t.overrides["optim.lr"])
+    assert f"| **{best.name}** |" in text and f"`{best.name}`" in text
 
 
 class PeakedTrainer(FakeTrainer):
