@@ -226,15 +226,16 @@ def test_stages_run_in_order_resume_and_report_their_figures(tmp_path):
         only_one, discordant, 0.5).pvalue
     assert mcnemar(0, 40) < 0.001 and mcnemar(0, 19) < 0.001
     assert ("closed-book 10.0% → RAG 50.0% (McNemar p < 0.001) (oracle 60.0%); token F1 "
-            "5.0% → 40.0%") in report
+            "5.0% → 40.0% (+35.0 [+35.0, +35.0])") in report
     assert ("| closed-book → RAG (ScaNN) | +19.0, p < 0.001 | +35.0 [+35.0, +35.0] | "
             "+40.0, p < 0.001 |") in report
     # New facts: 3 of 4 answers gain the gold answer, none lose it: p = 0.25.
     assert f"{mcnemar(3, 3):.3g}" == "0.25"
     assert "| new facts: before → after upsert | +0.0, not significant (p = 1) | +20.0 " \
            "[+20.0, +20.0] | +75.0, not significant (p = 0.25) |" in report
-    assert "gold contained 0.0% → 75.0% (not significant, p = 0.25) after an index upsert" \
-        in report
+    assert ("gold contained 0.0% → 75.0% (not significant, p = 0.25); token F1 10.0% → "
+            "30.0% (+20.0 [+20.0, +20.0]) after an index upsert") in report
+    assert "token F1 5.0% → 40.0% (+35.0 [+35.0, +35.0])" in report
     assert "`gguf:smollm2` zero-shot" in report
     # In-context learning: the same questions with the config's 3 demonstrations.
     assert "| closed-book, 3-shot | 12.5% | 20.0% | 25.0% | 2.0 |" in report

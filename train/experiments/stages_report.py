@@ -672,12 +672,15 @@ def _summary(runs, record):
                     f"{_tested(r, 'closed_book', 'rag_index', 'gold_contained')} (oracle "
                     f"{_pct([_value(r, 'oracle/gold_contained')])}); token F1 "
                     f"{_pct([_value(r, 'closed_book/f1')])} → "
-                    f"{_pct([_value(r, 'rag_index/f1')])}")
+                    f"{_pct([_value(r, 'rag_index/f1')])}"
+                    f"{_f1_tested(r, 'closed_book', 'rag_index')}")
         rag_flex = (f"new facts: gold contained "
                     f"{_pct([_value(r, 'new_information/before/gold_contained')])} → "
                     f"{_pct([_value(r, 'new_information/after/gold_contained')])}"
-                    f"{_tested(r, *_NEW_FACTS, 'gold_contained')}"
-                    f" after an index upsert, no retraining")
+                    f"{_tested(r, *_NEW_FACTS, 'gold_contained')}; token F1 "
+                    f"{_pct([_value(r, 'new_information/before/f1')])} → "
+                    f"{_pct([_value(r, 'new_information/after/f1')])}"
+                    f"{_f1_tested(r, *_NEW_FACTS)} after an index upsert, no retraining")
     icl_data, icl_compute, icl_flex = "not run", "not run", "not run"
     shots = rag[0][1].get("in_context") if rag else None
     if shots:
@@ -726,6 +729,15 @@ def _tested(results, first, second, metric):
     p = statistics.mcnemar_exact(b, a)
     return (f" (McNemar {statistics.format_p(p)})" if p < statistics.ALPHA
             else f" (not significant, {statistics.format_p(p)})")
+
+
+def _f1_tested(results, first, second):
+    """' (+4.1 [+1.5, +6.8])' for a summary cell: the token-F1 difference over the same
+    questions with its bootstrap interval ('not significant' when it holds 0)."""
+    a, b = (_value(results, f"{path}/per_question/f1") for path in (first, second))
+    if not a or not b or len(a) != len(b):
+        return ""
+    return f" ({question_test(a, b, 'f1')})"
 
 
 def _time_per_question(shots):
