@@ -291,6 +291,7 @@ def base_config():
             # (retrieval/in_context_qa.py), closed-book and with the exact top-k passages:
             # results.json's "in_context", the stages' in-context-learning row. 0: off.
             in_context_k=0,
+            in_context_settings=("closed_book", "retrieval"),  # Which of the two to ask.
         )
     )
 

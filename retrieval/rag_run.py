@@ -331,6 +331,16 @@ def _run_zero_shot(config, workdir, retriever, index, exact, passages, questions
     return write_results(workdir, results)
 
 
+def check_in_context_settings(rc) -> tuple:
+    from retrieval import in_context_qa
+
+    settings = tuple(rc.get("in_context_settings", in_context_qa.SETTINGS))
+    if not settings or not set(settings) <= set(in_context_qa.SETTINGS):
+        raise ValueError(f"config.rag.in_context_settings={settings!r}; expected a non-empty "
+                         f"subset of {in_context_qa.SETTINGS}")
+    return settings
+
+
 def in_context(rag, questions, train_passages, rc, seed, embedded=None) -> dict:
     """The test questions answered with rc.in_context_k demonstrations from the training
     split, closed-book and with the exact top-k passages (retrieval/in_context_qa.py): the
@@ -339,7 +349,8 @@ def in_context(rag, questions, train_passages, rc, seed, embedded=None) -> dict:
 
     out = in_context_qa.run(rag.generator, rag.retriever, questions, train_passages,
                             ks=(rc.in_context_k,), passages_per_prompt=rc.k, seed=seed,
-                            log=log.info, embedded=embedded)
+                            log=log.info, embedded=embedded,
+                            settings=check_in_context_settings(rc))
     return {"k": rc.in_context_k, "demonstrations": out["demonstrations"][rc.in_context_k],
             **{row["setting"]: {key: row[key] for key in
                                 ("count", "exact_match", "f1", "gold_contained",

@@ -67,7 +67,7 @@ SCALES = {
                  methods=DEMO_METHODS, minilm_steps=40, minilm_methods=[], lr_scale=15.0,
                  lr_search=False,
                  rag="runlocal,gen=smollm2", rag_questions=96, rag_new_facts=40,
-                 rag_tuned="", in_context_k=3, search_trials=0),
+                 rag_tuned="", in_context_k=3, in_context=("closed_book",), search_trials=0),
     # The reference run on a 2-core CPU (one to two hours): the demo's tiny model trained
     # longer (4x the MLM steps, ~4x the supervised steps), learning rates searched, four
     # times the RAG questions.
@@ -76,13 +76,15 @@ SCALES = {
                 methods=METHODS, minilm_steps=300, minilm_methods=["lora"], lr_scale=15.0,
                 lr_search=True,
                 rag="runlocal,gen=smollm2", rag_questions=200, rag_new_facts=80,
-                rag_tuned="", in_context_k=3, search_trials=8),
+                rag_tuned="", in_context_k=3, in_context=("closed_book", "retrieval"),
+                search_trials=8),
     "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=3,
                  label_fractions=LABEL_FRACTIONS, label_seeds=3,
                  methods=METHODS, minilm_steps=1500, minilm_methods=["full", "lora"],
                  lr_scale=3.0,
                  lr_search=True,
                  rag="gen=smollm2", rag_questions=2000, rag_new_facts=200, in_context_k=3,
+                 in_context=("closed_book", "retrieval"),
                  rag_tuned="gen=smollm2,method=lora", search_trials=8),
 }
 
@@ -170,7 +172,8 @@ def get_ablation(arg=None):
              config=f"configs/rag.py:{s['rag']}", sweep=dict(seeds=[0]),
              overrides={"rag.max_eval_questions": s["rag_questions"],
                         "rag.new_info_passages": s["rag_new_facts"],
-                        "rag.in_context_k": s["in_context_k"]}),
+                        "rag.in_context_k": s["in_context_k"],
+                        "rag.in_context_settings": s["in_context"]}),
         *([dict(name="rag_tuned", title="RAG with the decoder fine-tuned RAFT style (LoRA)",
                 config=f"configs/rag.py:{s['rag_tuned']}", sweep=dict(seeds=[0]),
                 overrides={"rag.max_eval_questions": s["rag_questions"]})]

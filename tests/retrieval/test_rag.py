@@ -209,3 +209,16 @@ def test_pretrained_bert_generator_config_loads_minilm():
     assert len(shapes) > 90
     for path, leaf in shapes:
         assert loaded[path_string(path)].shape == leaf.shape, path_string(path)
+
+
+def test_in_context_settings_must_name_known_settings():
+    import ml_collections
+
+    from retrieval.rag_run import check_in_context_settings
+
+    rc = ml_collections.ConfigDict({"in_context_settings": ("closed_book",)})
+    assert check_in_context_settings(rc) == ("closed_book",)
+    for bad in (("sideways",), ()):
+        rc.in_context_settings = bad
+        with pytest.raises(ValueError, match="config.rag.in_context_settings"):
+            check_in_context_settings(rc)

@@ -686,17 +686,18 @@ def _summary(runs, record):
     if shots:
         r, k = rag[0][1], shots["k"]
         icl_data = f"{k} labelled question/answer demonstrations in each prompt"
-        icl_compute = (f"no training; {shots['closed_book']['prompt_tokens']:.0f} prompt "
-                       f"tokens closed-book, {shots['retrieval']['prompt_tokens']:.0f} with "
-                       f"passages; {_time_per_question(shots)}")
-        icl_flex = (f"exact match closed-book "
-                    f"{_pct([_value(r, 'closed_book/exact_match')])} zero-shot → "
-                    f"{_pct([_value(shots, 'closed_book/exact_match/mean')])} {k}-shot"
-                    f"{_tested(r, 'closed_book', 'in_context/closed_book', 'exact_match')}; "
-                    f"with passages {_pct([_value(r, 'rag_exact/exact_match')])} → "
-                    f"{_pct([_value(shots, 'retrieval/exact_match/mean')])}"
-                    f"{_tested(r, 'rag_exact', 'in_context/retrieval', 'exact_match')}; a new "
-                    f"task = new demonstrations")
+        tokens = [f"{shots[s]['prompt_tokens']:.0f} {label}" for s, label in (
+            ("closed_book", "prompt tokens closed-book"), ("retrieval", "with passages"))
+            if s in shots]
+        icl_compute = f"no training; {', '.join(tokens)}; {_time_per_question(shots)}"
+        icl_flex = "; ".join([
+            *(f"exact match {label} {_pct([_value(r, f'{zero}/exact_match')])} zero-shot → "
+              f"{_pct([_value(shots, f'{s}/exact_match/mean')])} {k}-shot"
+              f"{_tested(r, zero, f'in_context/{s}', 'exact_match')}"
+              for s, zero, label in (("closed_book", "closed_book", "closed-book"),
+                                     ("retrieval", "rag_exact", "with passages"))
+              if s in shots),
+            "a new task = new demonstrations"])
     return "\n".join([
         "## Summary: the stages side by side",
         "",
@@ -741,8 +742,9 @@ def _f1_tested(results, first, second):
 
 
 def _time_per_question(shots):
-    seconds = sum(shots[s]["seconds"] for s in ("closed_book", "retrieval"))
-    count = sum(shots[s]["count"] for s in ("closed_book", "retrieval"))
+    asked = [s for s in ("closed_book", "retrieval") if s in shots]
+    seconds = sum(shots[s]["seconds"] for s in asked)
+    count = sum(shots[s]["count"] for s in asked)
     return f"{seconds / max(count, 1):.2f} s per question"
 
 
