@@ -73,9 +73,6 @@ def check(config):
     if pc.updates_per_rollout < 1:
         raise ValueError(f"config.post_train.updates_per_rollout={pc.updates_per_rollout}; "
                          f"expected >= 1 (GRPO's μ: policy updates per rollout)")
-    if config.task == "dpo" and pc.updates_per_rollout != 1:
-        raise ValueError(f"config.post_train.updates_per_rollout={pc.updates_per_rollout} "
-                         f"with config.task='dpo': DPO has no rollouts; expected 1")
     if pc.temperature <= 0 or not 0 < pc.top_p <= 1:
         raise ValueError(f"config.post_train.temperature={pc.temperature} / top_p="
                          f"{pc.top_p}; expected temperature > 0 and 0 < top_p <= 1")

@@ -11,5 +11,12 @@ class Dpo(PostTraining):
     name = "dpo"
     runner = "train.post_training.run:run_dpo"
 
+    def check(self, config):
+        super().check(config)
+        updates = config.post_train.updates_per_rollout
+        if updates != 1:
+            raise ValueError(f"config.post_train.updates_per_rollout={updates} with "
+                             f"config.task='dpo': DPO has no rollouts; expected 1")
+
 
 register(Dpo())
