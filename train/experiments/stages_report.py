@@ -536,6 +536,12 @@ def question_test(first, second, metric):
                                else f"not significant ({statistics.format_p(p)})")
 
 
+def _paired_scores(results, first, second, metric):
+    """Both settings' per-question `metric` scores, or None when the run kept none."""
+    a, b = (_value(results, f"{path}/per_question/{metric}") for path in (first, second))
+    return (a, b) if a and b and len(a) == len(b) else None
+
+
 def _question_tests(results):
     rows = []
     for first, second, label in _QUESTION_PAIRS:
@@ -724,10 +730,10 @@ _NEW_FACTS = ("new_information/before", "new_information/after")
 def _tested(results, first, second, metric):
     """' (McNemar p = 0.003)' / ' (not significant, p = 0.48)' for a summary cell; '' when
     the run kept no per-question scores."""
-    a, b = (_value(results, f"{path}/per_question/{metric}") for path in (first, second))
-    if not a or not b or len(a) != len(b):
+    pair = _paired_scores(results, first, second, metric)
+    if pair is None:
         return ""
-    p = statistics.mcnemar_exact(b, a)
+    p = statistics.mcnemar_exact(pair[1], pair[0])
     return (f" (McNemar {statistics.format_p(p)})" if p < statistics.ALPHA
             else f" (not significant, {statistics.format_p(p)})")
 
@@ -735,10 +741,8 @@ def _tested(results, first, second, metric):
 def _f1_tested(results, first, second):
     """' (+4.1 [+1.5, +6.8])' for a summary cell: the token-F1 difference over the same
     questions with its bootstrap interval ('not significant' when it holds 0)."""
-    a, b = (_value(results, f"{path}/per_question/f1") for path in (first, second))
-    if not a or not b or len(a) != len(b):
-        return ""
-    return f" ({question_test(a, b, 'f1')})"
+    pair = _paired_scores(results, first, second, "f1")
+    return "" if pair is None else f" ({question_test(*pair, 'f1')})"
 
 
 def _time_per_question(shots):
