@@ -135,6 +135,8 @@ class Answer:
     citations: list[tuple[str, float | None]]
     # Every retrieval, in order (one without re-retrieval; none for `answer_with`).
     rounds: list[RetrievalRound] = dataclasses.field(default_factory=list)
+    # Read from an earlier mode's identical prompt (Rag.answer_with(reuse=True)).
+    reused: bool = False
 
 
 class Generator:
@@ -227,6 +229,12 @@ class Rag:
     def __init__(self, retriever: Retriever, generator: Generator, reretrieve_every: int = 0):
         self.retriever, self.generator = retriever, generator
         self.reretrieve_every = reretrieve_every
+        # (question, passage texts) -> (answer, passages used) of every prompt decoded
+        # here: greedy decoding answers a prompt the same way twice, so an evaluation
+        # whose prompts repeat an earlier mode's (exact search retrieving what the index
+        # did) reads them (`answer_with(reuse=True)`) instead of decoding them again.
+        self.decoded: dict[tuple, tuple[str, int]] = {}
+        self.deterministic = generator.decode_config.strategy == "greedy"
 
     def answer(self, questions, k: int, reretrieve_every: int | None = None) -> list[Answer]:
         """Top-k retrieval then decoding; `reretrieve_every` overrides the Rag's."""
@@ -241,13 +249,25 @@ class Rag:
             a.rounds = [RetrievalRound(a.question, 0, list(a.citations))]
         return answers
 
-    def answer_with(self, questions, ids, scores=None) -> list[Answer]:
-        """Answers from given passage ids [n][m] (retrieved, oracle, or none: [[]] * n)."""
+    def answer_with(self, questions, ids, scores=None, reuse=False) -> list[Answer]:
+        """Answers from given passage ids [n][m] (retrieved, oracle, or none: [[]] * n).
+        `reuse`: prompts already decoded here (greedy decoding only) are not decoded
+        again (their Answer.reused is set)."""
         passages = [[self.retriever.passages[i] for i in row] for row in ids]
-        texts, used = self.generator.generate(list(questions), passages)
-        return [Answer(question, text, _citations(ids[row], None if scores is None
-                                                  else scores[row], count))
-                for row, (question, text, count) in enumerate(zip(questions, texts, used))]
+        keys = [(q, tuple(p)) for q, p in zip(questions, passages)]
+        reuse = reuse and self.deterministic
+        todo = list(dict.fromkeys(k for k in keys if not (reuse and k in self.decoded)))
+        texts, used = self.generator.generate([q for q, _ in todo], [list(p) for _, p in todo])
+        decoded = dict(zip(todo, zip(texts, used)))
+        if self.deterministic:
+            self.decoded.update(decoded)
+        answers = []
+        for row, key in enumerate(keys):
+            text, count = decoded[key] if key in decoded else self.decoded[key]
+            answers.append(Answer(key[0], text, _citations(
+                ids[row], None if scores is None else scores[row], count),
+                reused=key not in decoded))
+        return answers
 
     def _answer_reretrieving(self, questions, k, every) -> list[Answer]:
         gen, sep = self.generator, self.generator.tokenizer.sep_id

@@ -504,10 +504,12 @@ def evaluate_answers(rag, test_q, hits, rc, timings):
     gold_ids = [q.passage_id for q in test_q]
     exact_scores, exact_ids = hits["exact"]
     modes = {"closed_book": functools.partial(rag.answer_with, texts, [[] for _ in test_q]),
-             "rag_exact": functools.partial(rag.answer_with, texts, exact_ids[:, :k],
-                                            exact_scores),
              # End to end: embedding, index search and decoding, timed together.
              "rag_index": functools.partial(rag.answer, texts, k, reretrieve_every=0),
+             # Where exact search packs the passages the index did, the prompt is the
+             # same: its answer is read, not decoded again (greedy decoding).
+             "rag_exact": functools.partial(rag.answer_with, texts, exact_ids[:, :k],
+                                            exact_scores, reuse=True),
              "oracle": functools.partial(rag.answer_with, texts, [[i] for i in gold_ids])}
     if every:  # Searches the index (as rag_index), again every `every` answer pieces.
         modes["rag_reretrieve"] = functools.partial(rag.answer, texts, k,
@@ -520,7 +522,11 @@ def evaluate_answers(rag, test_q, hits, rc, timings):
             if mode == "rag_reretrieve":
                 scores[mode].update(_reretrieval_stats(answers, gold_ids),
                                     reretrieve_every=every)
-        scores[mode]["questions_per_s"] = len(test_q) / seconds[mode]
+        reused = sum(a.reused for a in answers)
+        # Speed of the questions decoded here; none when every answer was read.
+        scores[mode]["answers_reused"] = reused
+        scores[mode]["questions_per_s"] = ((len(test_q) - reused) / seconds[mode]
+                                           if reused < len(test_q) else None)
         scores[mode]["by_kind"] = {
             kind: rag_lib.score_answers([a for a, q in zip(answers, test_q) if q.kind == kind],
                                         [q.answers for q in test_q if q.kind == kind])

@@ -3,6 +3,7 @@ retrieval beats closed-book on held-out facts."""
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -118,6 +119,49 @@ def test_exact_match_and_f1_against_hand_computed_values():
     assert scores["exact_match"] == pytest.approx(0.5)
     assert scores["f1"] == pytest.approx((0.8 + 1.0) / 2)
     assert rag_lib.recall_at_k([["a", "b"], ["c", "d"]], ["b", "e"]) == 0.5
+
+
+class _PromptEcho:
+    """A generator whose answer spells its prompt, and which records every prompt it
+    decodes: what `Rag` reuses must be what decoding that prompt gives."""
+
+    def __init__(self, strategy="greedy"):
+        self.decode_config = types.SimpleNamespace(strategy=strategy)
+        self.decoded = []
+
+    def generate(self, questions, passages):
+        self.decoded += [(q, tuple(p)) for q, p in zip(questions, passages)]
+        return [f"{q}|{'+'.join(p)}" for q, p in zip(questions, passages)], \
+            [len(p) for p in passages]
+
+
+def test_a_prompt_decoded_once_is_reused_only_where_asked_and_only_when_greedy():
+    passages = {"a": "alpha", "b": "beta", "c": "gamma"}
+    questions = ["q1", "q2", "q3"]
+    index_hits, exact_hits = [["a", "b"], ["b", "c"], ["c", "a"]], [["a", "b"], ["c", "b"],
+                                                                   ["c", "a"]]
+    gen = _PromptEcho()
+    rag = rag_lib.Rag(types.SimpleNamespace(passages=passages), gen)
+    first = rag.answer_with(questions, index_hits)
+    assert len(gen.decoded) == 3 and not any(a.reused for a in first)
+    scores = [[0.9, 0.5], [0.8, 0.7], [0.6, 0.1]]
+    second = rag.answer_with(questions, exact_hits, scores, reuse=True)
+    # Only q2's passages differ (order counts: it is the prompt's order).
+    assert gen.decoded[3:] == [("q2", ("gamma", "beta"))]
+    assert [a.reused for a in second] == [True, False, True]
+    fresh = rag_lib.Rag(types.SimpleNamespace(passages=passages), _PromptEcho())
+    expected = fresh.answer_with(questions, exact_hits, scores)
+    assert [(a.answer, a.citations) for a in second] == \
+        [(a.answer, a.citations) for a in expected]
+    # Without reuse=True every prompt is decoded again.
+    rag.answer_with(questions, exact_hits)
+    assert len(gen.decoded) == 3 + 1 + 3
+
+    sampled = _PromptEcho(strategy="sample")  # A sample is not the prompt's one answer.
+    rag = rag_lib.Rag(types.SimpleNamespace(passages=passages), sampled)
+    rag.answer_with(questions, index_hits)
+    again = rag.answer_with(questions, index_hits, reuse=True)
+    assert len(sampled.decoded) == 6 and not any(a.reused for a in again)
 
 
 def test_raft_examples_keep_or_remove_the_answer_passage():
