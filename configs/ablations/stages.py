@@ -7,11 +7,13 @@ r"""The stages compared side by side on WordNet: one ablation, one report.
 Parts (each a resumable sweep in `W/<part>/`, run in this order; `W/report.md` at the end,
 written by train/experiments/stages_report.py):
   pretrain   BERT-style MLM pre-training on the training synsets' glosses and examples.
-  lr_search  (scale=full, or lr_search=true) every method of `finetune` and `methods`
+  lr_search  (scale=cpu/full, or lr_search=true) every method of `finetune` and `methods`
              (full fine-tuning included) from the MLM checkpoint at 100% of the labels,
              one seed, at LR_MULTIPLIERS x its default learning rate: each method's rate
              is the one best on validation accuracy, and `finetune` and `methods` train
              at it (`{best:lr_search:optim.lr}`, train/experiments/ablations.py).
+  lr_search_scratch  (with lr_search) the same grid for full training from random init;
+             `scratch` trains at its choice.
   scratch    supervised training from random init at 1%, 10% and 100% of the labels,
   finetune   the same runs (same steps, batch, seeds, model) from the MLM checkpoint:
              the data-requirement comparison.
@@ -142,10 +144,19 @@ def get_ablation(arg=None):
                            seeds=[base], metric="validation/accuracy", mode="max"),
                 overrides={"init_from": pretrained, "data.label_fraction": 1.0,
                            **supervised})] if lr_search else []),
+        # From scratch, the rate is searched the same way (random init, 100% labels):
+        # a comparison with pre-training must not hand scratch a rate tuned for another start.
+        *([dict(name="lr_search_scratch", **parallel,
+                title="Learning rate from scratch, chosen on validation",
+                config=f"{finetune},method=full",
+                sweep=dict(grid={"arg.lr_scale": [s["lr_scale"] * m for m in LR_MULTIPLIERS]},
+                           seeds=[base], metric="validation/accuracy", mode="max"),
+                overrides={"data.label_fraction": 1.0, **supervised})] if lr_search else []),
         dict(name="scratch", **parallel, title="Training from scratch",
              config=f"{finetune},method=full",
              sweep=dict(grid={"data.label_fraction": s["label_fractions"]}, **label_seeds),
-             overrides=supervised),
+             overrides={**supervised, **({"optim.lr": "{best:lr_search_scratch:optim.lr}"}
+                                         if lr_search else {})}),
         dict(name="finetune", **parallel, title="MLM pre-training, then full fine-tuning",
              config=f"{finetune},method=full",
              sweep=dict(grid={"data.label_fraction": s["label_fractions"]}, **label_seeds),

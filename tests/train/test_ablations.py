@@ -29,7 +29,8 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
     parts, report = load_stages(tmp_path, f"scale={scale}")
     assert report == "stages"
     names = [p.name for p in parts]
-    assert names == ["pretrain", *(["lr_search"] if scale != "demo" else []), "scratch",
+    assert names == ["pretrain", *(["lr_search", "lr_search_scratch"] if scale != "demo"
+                                   else []), "scratch",
                      "finetune", "methods", *(["minilm"] if scale != "demo" else []), "rag",
                      *(["rag_tuned"] if scale == "full" else []),
                      *(["search"] if scale != "demo" else [])]
@@ -42,10 +43,10 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
             validate(config)
             configs[(part.name, trial.name)] = config
     supervised = {k: c for k, c in configs.items() if k[0] in (
-        "lr_search", "scratch", "finetune", "methods", "search")}
+        "lr_search", "lr_search_scratch", "scratch", "finetune", "methods", "search")}
     # Fine-tuned runs start from the pre-training part's run; scratch from nothing.
     for (part, _), config in supervised.items():
-        assert config.init_from == ("" if part == "scratch" else pretrained), part
+        assert config.init_from == ("" if "scratch" in part else pretrained), part
         # Same model as the pre-trained one (its checkpoint must load).
         assert config.model.hidden == configs[("pretrain", pretrain_trial.name)].model.hidden
     # RAG: SmolLM2 zero-shot; at full scale also fine-tuned RAFT style on its ChatML prompts.
@@ -333,11 +334,12 @@ class PeakedTrainer(FakeTrainer):
         self.fail_method = fail_method
 
     def __call__(self, trial, config, workdir):
-        method = trial.overrides.get("arg.method")
-        if os.path.basename(os.path.dirname(workdir)) != "lr_search":
+        part = os.path.basename(os.path.dirname(workdir))
+        method = trial.overrides.get("arg.method", "scratch" if "scratch" in part else None)
+        if part not in ("lr_search", "lr_search_scratch"):
             return super().__call__(trial, config, workdir)
         if method == self.fail_method:
-            self.ran.append(f"lr_search/{trial.name}")
+            self.ran.append(f"{part}/{trial.name}")
             raise RuntimeError("diverged")
         super().__call__(trial, config, workdir)
         peak = (1 / 3, 1.0, 3.0)[zlib.crc32(method.encode()) % 3]
@@ -350,8 +352,8 @@ class PeakedTrainer(FakeTrainer):
 
 
 def lr_search_parts(workdir, methods=("bitfit", "lora", "ia3")):
-    """The demo with lr_search=true, one seed and a few methods: lr_search, finetune
-    and methods (their pre-training is a path only)."""
+    """The demo with lr_search=true, one seed and a few methods: lr_search,
+    lr_search_scratch, scratch, finetune and methods (their pre-training is a path only)."""
     parts, report = load_stages(workdir, "lr_search=true")
     grid = {"arg.method": list(methods)}
     short = []
@@ -362,7 +364,9 @@ def lr_search_parts(workdir, methods=("bitfit", "lora", "ia3")):
                                                    "arg.lr_scale": spec.grid["arg.lr_scale"]})
         elif part.name == "methods":
             spec = dataclasses.replace(spec, grid=grid)
-        elif part.name != "finetune":
+        elif part.name in ("scratch", "finetune"):
+            spec = dataclasses.replace(spec, grid={"data.label_fraction": [1.0]})
+        elif part.name != "lr_search_scratch":
             continue
         short.append(dataclasses.replace(part, spec=spec))
     return short, report
@@ -374,7 +378,8 @@ def test_lr_search_selects_each_methods_rate_on_validation_and_resumes(tmp_path,
                         lambda *a, **k: collections.defaultdict(str))
     workdir = str(tmp_path / "stages")
     parts, report = lr_search_parts(workdir)
-    assert [p.name for p in parts] == ["lr_search", "finetune", "methods"]
+    assert [p.name for p in parts] == ["lr_search", "lr_search_scratch", "scratch",
+                                       "finetune", "methods"]
     trainer = PeakedTrainer()
     assert launch_sweep.run_ablation(STAGES, workdir, run_trial=trainer,
                                      ablation=(parts, report)) == []
@@ -387,11 +392,14 @@ def test_lr_search_selects_each_methods_rate_on_validation_and_resumes(tmp_path,
 
     # The argmax on validation per method, from the files the search wrote.
     best, best_on_test = {}, {}
-    for trial in search:
-        method = trial.overrides["arg.method"]
-        config = read("lr_search", trial.name, "config.json")
-        results = read("lr_search", trial.name, "results.json")
+    scratch_search = sweeps.enumerate_trials(parts[1].spec)
+    for part, trial in [*(("lr_search", t) for t in search),
+                        *(("lr_search_scratch", t) for t in scratch_search)]:
+        method = trial.overrides.get("arg.method", "scratch")
+        config = read(part, trial.name, "config.json")
+        results = read(part, trial.name, "results.json")
         assert config["data"]["label_fraction"] == 1.0 and config["seed"] == 0
+        assert (config["init_from"] == "") == (method == "scratch")
         for chosen, split in ((best, "validation"), (best_on_test, "test")):
             score = results[split]["accuracy"]
             if method not in chosen or score > chosen[method][1]:
@@ -399,10 +407,12 @@ def test_lr_search_selects_each_methods_rate_on_validation_and_resumes(tmp_path,
     best = {m: lr for m, (lr, _) in best.items()}
     assert len(set(best.values())) > 1  # Not one rate for all: the fake's peaks differ.
     assert all(best[m] != best_on_test[m][0] for m in best)  # Test would choose otherwise.
-    # Later parts train each method at its chosen rate; sweep.json records it.
-    for part in parts[1:]:
+    # Later parts train each method at its chosen rate (scratch at random init's);
+    # sweep.json records it.
+    for part in parts[2:]:
         for trial in sweeps.enumerate_trials(part.spec):
-            method = trial.overrides.get("arg.method", "full")
+            method = trial.overrides.get("arg.method",
+                                         "scratch" if part.name == "scratch" else "full")
             assert read(part.name, trial.name, "config.json")["optim"]["lr"] == best[method]
         recorded = read(part.name, "", "sweep.json")["trials"]
         assert {t["overrides"]["optim.lr"] for t in recorded} <= set(best.values())
@@ -413,7 +423,10 @@ def test_lr_search_selects_each_methods_rate_on_validation_and_resumes(tmp_path,
     text = open(stages_report.write_report(workdir, parts)).read()
     assert "each method at the learning rate selected on validation (section 6)" in text
     assert "pre-trained runs at full fine-tuning's, the learning rate selected on " \
-           "validation (section 6)" in text
+           "validation (section 6) at 100% of the labels; the scratch runs at the rate " \
+           "selected the same way from random init" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| full, from scratch |")]
+    assert f"**{best['scratch']:.3g}: " in row and row.count("**") == 2
     (row,) = [line for line in text.splitlines() if line.startswith("| lora |")
               and "**" in line]
     assert f"**{best['lora']:.3g}: " in row and row.count("**") == 2
@@ -423,10 +436,10 @@ def test_lr_search_selects_each_methods_rate_on_validation_and_resumes(tmp_path,
     assert launch_sweep.run_ablation(STAGES, workdir, run_trial=again,
                                      ablation=(parts, report)) == []
     assert again.ran == []
-    for part in parts[1:]:
+    for part in parts[2:]:
         for trial in ablations.resolve_trials(workdir, parts, part):
-            assert trial.overrides["optim.lr"] == best[trial.overrides.get("arg.method",
-                                                                           "full")]
+            assert trial.overrides["optim.lr"] == best[trial.overrides.get(
+                "arg.method", "scratch" if part.name == "scratch" else "full")]
     # A search result changed under finished runs: refused, naming trial and values.
     loser = next(t for t in search if t.overrides["arg.method"] == "lora"
                  and read("lr_search", t.name, "config.json")["optim"]["lr"] != best["lora"])
@@ -436,7 +449,7 @@ def test_lr_search_selects_each_methods_rate_on_validation_and_resumes(tmp_path,
     json.dump(results, open(path, "w"))
     with pytest.raises(ValueError, match=r"Part 'methods': trial method=lora,seed=0 "
                                          r"finished with optim.lr="):
-        ablations.resolve_trials(workdir, parts, parts[2])
+        ablations.resolve_trials(workdir, parts, parts[4])
 
 
 def test_lr_search_without_a_finished_trial_names_part_and_method(tmp_path, monkeypatch):
@@ -449,10 +462,12 @@ def test_lr_search_without_a_finished_trial_names_part_and_method(tmp_path, monk
                                          r"has no finished trial of method 'lora'"):
         launch_sweep.run_ablation(STAGES, workdir, run_trial=trainer,
                                   ablation=(parts, report))
-    # full fine-tuning's search finished, so `finetune` ran; `methods` did not start.
-    (finetune,) = [p for p in parts if p.name == "finetune"]
-    assert [r.split("/")[0] for r in trainer.ran] == ["lr_search"] * 6 + ["finetune"] * len(
-        sweeps.enumerate_trials(finetune.spec))
+    # full fine-tuning's search finished, so `scratch` and `finetune` ran; `methods` did
+    # not start.
+    counts = {p.name: len(sweeps.enumerate_trials(p.spec)) for p in parts}
+    assert [r.split("/")[0] for r in trainer.ran] == \
+        ["lr_search"] * 6 + ["lr_search_scratch"] * 3 + ["scratch"] * counts["scratch"] \
+        + ["finetune"] * counts["finetune"]
 
 
 def test_lr_search_print_mode_defers_the_parts_that_wait_for_it(tmp_path, capsys):
@@ -476,13 +491,14 @@ def test_demo_parts_and_trials_unchanged_unless_lr_search_is_asked(tmp_path):
     assert not any(selected for _, _, selected, _ in demo.values())
     assert not any(o.startswith("optim.lr=") for part in ("finetune", "methods")
                    for o in demo[part][1])  # Each method at its default rate.
-    # Asked: only the search part is added, and finetune/methods select their rate.
+    # Asked: only the search parts are added, and scratch/finetune/methods select their rate.
     searched = trials(load_stages(tmp_path, "lr_search=true")[0])
-    assert list(searched) == ["pretrain", "lr_search", *list(demo)[1:]]
+    assert list(searched) == ["pretrain", "lr_search", "lr_search_scratch", *list(demo)[1:]]
     for name, (config, overrides, selected, names) in searched.items():
-        if name != "lr_search":
-            expected = ((("optim.lr", "lr_search", "optim.lr"),)
-                        if name in ("finetune", "methods") else ())
+        if not name.startswith("lr_search"):
+            source = {"scratch": "lr_search_scratch", "finetune": "lr_search",
+                      "methods": "lr_search"}.get(name)
+            expected = (("optim.lr", source, "optim.lr"),) if source else ()
             assert (config, overrides, selected, names) == (*demo[name][:2], expected,
                                                             demo[name][3])
     from model import finetune_methods

@@ -247,7 +247,10 @@ def _data_requirement(workdir, runs):
         ("Same model, steps, batch and seeds; the initialisation differs (random vs "
          "the MLM checkpoint of part `pretrain`), and so may the learning rate: the "
          f"pre-trained runs at full fine-tuning's, {_LR_SELECTED} at 100% of the "
-         "labels; the scratch runs at its default. " if _lr_selected(runs, "finetune")
+         "labels; the scratch runs at "
+         + ("the rate selected the same way from random init. "
+            if _lr_selected(runs, "scratch") else "its default. ")
+         if _lr_selected(runs, "finetune")
          else "Same model, steps, batch and seeds; only the initialisation differs "
          "(random vs the MLM checkpoint of part `pretrain`). ")
         + "Supersense classification, 45 classes. "
@@ -611,15 +614,18 @@ def _trial_lr(trial_dir):
 def _lr_search(runs):
     """Per method: the learning rates tried, their validation accuracy (mean over seeds)
     and the best one in bold, the rule train/experiments/ablations.py selects by."""
-    done = _finished(runs, "lr_search")
+    done = [(trial["overrides"].get("arg.method"), trial, results, trial_dir)
+            for trial, results, trial_dir in _finished(runs, "lr_search")]
+    done += [("full, from scratch", trial, results, trial_dir)
+             for trial, results, trial_dir in _finished(runs, "lr_search_scratch")]
     if not done:
         return ""
     tried = {}  # method -> {lr_scale: (lr, [validation accuracy over seeds])}
-    for trial, results, trial_dir in done:
+    for method, trial, results, trial_dir in done:
         accuracy = _value(results, "validation/accuracy")
         if accuracy is None:
             continue
-        entry = tried.setdefault(trial["overrides"].get("arg.method"), {}).setdefault(
+        entry = tried.setdefault(method, {}).setdefault(
             trial["overrides"].get("arg.lr_scale"), (_trial_lr(trial_dir), []))
         entry[1].append(accuracy)
     rows, counts = [], [len(a) for by_scale in tried.values() for _, a in by_scale.values()]
@@ -642,7 +648,9 @@ def _lr_search(runs):
         "same steps and batch as sections 1–2) at multiples of its default learning rate "
         "(model/finetune_methods.py × `lr_scale`); the one with the best validation "
         "accuracy (bold) is the one section 2 and section 1's pre-trained runs train it "
-        "at. Test accuracy played no part. A choice at the edge of the grid may lie "
+        "at" + (" (\"full, from scratch\": the same grid from random init, section 1's "
+                "scratch runs)" if _finished(runs, "lr_search_scratch") else "")
+        + ". Test accuracy played no part. A choice at the edge of the grid may lie "
         "beyond it.",
         "",
         _table(["method", "learning rate: validation acc", "chosen"], rows),
