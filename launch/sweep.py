@@ -6,10 +6,14 @@ r"""Runs the sweep a config declares (`get_sweep(arg)`, train/experiments/sweeps
   python -m launch.sweep --config configs/X.py --workdir W --mode=collect # after it ran
 
 Modes: `sequential` (default) trains the trials one after another in this process;
-`parallel` runs `launch.main` subprocesses, `--max_parallel` at once (each logs to
-`W/<trial>/train.log`); `print` prints each unfinished trial's `launch.main` command;
-`collect` only writes the report. `--config.<field>=<value>` (after `--config`) applies
-to every trial, e.g. `--config.data.data_dir=...`.
+`parallel` trains `--max_parallel` at once, in as many worker processes
+(launch/sweep_worker.py) that each train the trials handed to them one after another,
+in process, so start-up (importing jax, measuring peak FLOP/s, ...) is paid once a
+worker for the whole command, not once a trial; each trial logs to `W/<trial>/train.log`,
+a trial whose worker dies fails (a new worker takes the next trial), and SIGTERM or
+Ctrl-C stops the running trials at a checkpoint; `print` prints each unfinished trial's
+`launch.main` command; `collect` only writes the report. `--config.<field>=<value>`
+(after `--config`) applies to every trial, e.g. `--config.data.data_dir=...`.
 
 A config defining `get_ablation(arg)` (train/experiments/ablations.py) runs its parts in order, each
 a sweep in `W/<part>/` as above, then writes `W/report.md`:
@@ -33,12 +37,16 @@ trial, `W/results.csv` and `W/results.md` are rewritten (the PNG plots at the en
 `--mode=collect` redraws them any time).
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import pickle
+import select
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -116,7 +124,7 @@ def prepare(config_path, workdir, cli_overrides=(), spec=None, trials=None):
 
 def train_in_process(trial, config, workdir):
     """Trains one trial here, as launch.main would (one process: a multi-host trial
-    runs from --mode=print's commands)."""
+    runs from --mode=print's commands); -> its results."""
     import jax
 
     from launch import run_task
@@ -129,6 +137,7 @@ def train_in_process(trial, config, workdir):
         jax.clear_caches()
     if "preempted_at_step" in results:  # SIGTERM: the trial saved; end the sweep too.
         raise SystemExit(f"Preempted during trial {trial.name}; re-run to resume")
+    return results
 
 
 def prepare_data(configs):
@@ -144,50 +153,119 @@ def prepare_data(configs):
             tasks.loop_task(config.task).prepare_data(config.data)
 
 
-def run_parallel(config_path, workdir, trials, cli_overrides, max_parallel, on_done):
-    """`launch.main` subprocesses, `max_parallel` at once, `on_done(failed)` after each;
-    returns the names of the failed trials."""
-    pending = [t for t in trials if not sweeps.is_finished(workdir, t)]
-    running, failed = {}, []
-    # Several processes share the accelerator: none may pre-allocate most of its memory.
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    try:
-        while pending or running:
-            while pending and len(running) < max_parallel:
-                trial = pending.pop(0)
-                trial_dir = os.path.join(workdir, trial.name)
-                os.makedirs(trial_dir, exist_ok=True)
-                command = sweeps.trial_command(config_path, trial, workdir, cli_overrides,
-                                               python=sys.executable)
-                log_file = open(os.path.join(trial_dir, "train.log"), "a")
-                log.info("Started %s (log: %s)", trial.name, log_file.name)
-                running[subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                         env=env)] = (trial, log_file)
-            time.sleep(0.5)
-            for process in [p for p in running if p.poll() is not None]:
-                trial, log_file = running.pop(process)
-                log_file.close()
-                if process.returncode or not sweeps.is_finished(workdir, trial):
-                    log.error("Trial %s failed (exit %s); see %s", trial.name,
-                              process.returncode, log_file.name)
-                    failed.append(trial.name)
-                else:
-                    log.info("Finished %s", trial.name)
-                on_done(failed)
-    finally:  # Interrupted: SIGTERM makes each trial checkpoint and exit; re-run resumes.
-        for process in running:
-            process.terminate()
-        for process, (_, log_file) in running.items():
-            process.wait()
-            log_file.close()
-    return failed
+class Workers:
+    """--mode=parallel's `launch.sweep_worker` processes: each trains the trials it is
+    handed in process, one after another, so it imports jax, measures the peak FLOP/s and
+    loads data once, not per trial. Started as trials need them and kept for the sweep's
+    later batches (a bayes search's) and an ablation's later parts; ended on exit."""
+
+    def __init__(self):
+        self.idle = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.end_idle(0)
+
+    def run(self, config_path, workdir, trials, cli_overrides, max_parallel, on_done):
+        """Trains the unfinished trials, `max_parallel` at once, `on_done(failed)` after
+        each; returns the names of the failed trials (no complete results.json, or their
+        worker died: a new one takes the next trial)."""
+        pending = [t for t in trials if not sweeps.is_finished(workdir, t)]
+        busy, failed = {}, []  # A worker's stdout fd -> (worker, its trial, the trial's log).
+        self.end_idle(max_parallel)
+        previous = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            while pending or busy:
+                while pending and len(busy) < max_parallel:
+                    trial, process = pending.pop(0), self.take()
+                    trial_log = os.path.join(workdir, trial.name, "train.log")
+                    os.makedirs(os.path.dirname(trial_log), exist_ok=True)
+                    log.info("Started %s in worker %d (log: %s)", trial.name, process.pid,
+                             trial_log)
+                    with contextlib.suppress(BrokenPipeError):  # Dead: reported below.
+                        pickle.dump((config_path, workdir, trial, tuple(cli_overrides)),
+                                    process.stdin)
+                        process.stdin.flush()
+                    busy[process.stdout.fileno()] = (process, trial, trial_log)
+                ready, _, _ = select.select(list(busy), [], [], 1.0)
+                for fd, (process, trial, trial_log) in list(busy.items()):
+                    if fd in ready and os.read(fd, 4096):  # "<trial>\n": idle again.
+                        self.idle.append(process)
+                        died = ""
+                    elif fd in ready or process.poll() is not None:  # EOF: it is gone.
+                        try:
+                            process.wait(timeout=60)
+                        except subprocess.TimeoutExpired:  # Closed its channel, yet lives.
+                            process.kill()
+                        died = f" (its worker died: exit {end(process)})"
+                    else:
+                        continue
+                    del busy[fd]
+                    if died or not sweeps.is_finished(workdir, trial):
+                        log.error("Trial %s failed%s; see %s", trial.name, died, trial_log)
+                        failed.append(trial.name)
+                    else:
+                        log.info("Finished %s", trial.name)
+                    on_done(failed)
+        except BaseException:  # Interrupted: SIGTERM makes each trial checkpoint and exit.
+            for process, _, _ in busy.values():
+                process.terminate()
+            for process, _, _ in busy.values():
+                end(process)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return failed
+
+    def take(self):
+        """An idle worker still alive, else a new one."""
+        while self.idle:
+            process = self.idle.pop()
+            if process.poll() is None:
+                return process
+            end(process)
+        # Several processes share the accelerator: none may pre-allocate most of its memory.
+        env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+        return subprocess.Popen([sys.executable, "-m", "launch.sweep_worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def end_idle(self, keep):
+        """Ends all idle workers but `keep` (EOF on their stdin ends one)."""
+        ending, self.idle = self.idle[keep:], self.idle[:keep]
+        for process in ending:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
+        for process in ending:
+            end(process)
+
+
+def end(process):
+    """Waits for a worker to exit, closes its pipes; -> its exit status."""
+    code = process.wait()
+    for pipe in (process.stdin, process.stdout):
+        with contextlib.suppress(BrokenPipeError):
+            pipe.close()
+    return code
+
+
+def _terminated(*_):
+    """SIGTERM to the sweep: end it as Ctrl-C does, its workers' trials checkpointing."""
+    raise SystemExit("Sweep terminated (SIGTERM); re-run the same command to resume")
 
 
 def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overrides=(),
-              run_trial=train_in_process, spec=None, trials=None):
+              run_trial=train_in_process, spec=None, trials=None, workers=None):
     """Runs (or prints) the unfinished trials, then writes the report; returns the names
     of failed trials. `run_trial(trial, config, trial_workdir)` trains one trial in
-    sequential mode (tests pass a cheap stand-in); `spec` and `trials` as in prepare."""
+    sequential mode (tests pass a cheap stand-in); `spec` and `trials` as in prepare;
+    `workers`: the Workers parallel mode trains in (the caller's, kept for its next
+    sweeps), else its own."""
+    if mode == "parallel" and workers is None:
+        with Workers() as workers:
+            return run_sweep(config_path, workdir, mode, max_parallel, cli_overrides,
+                             run_trial, spec, trials, workers)
     spec, trials, configs, test_split = prepare(config_path, workdir, cli_overrides, spec,
                                                 trials)
     bayes = sweeps.BayesSearch(workdir, spec) if spec.search == "bayes" else None
@@ -215,10 +293,10 @@ def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overr
             lambda t: run_trial(t, config_of(t), os.path.join(workdir, t.name)),
             on_done=report)
 
-    def run_subprocesses(batch):
+    def run_in_workers(batch):
         prepare_data({t.name: config_of(t) for t in batch
                       if not sweeps.is_finished(workdir, t)})
-        return run_parallel(config_path, workdir, batch, cli_overrides, max_parallel, report)
+        return workers.run(config_path, workdir, batch, cli_overrides, max_parallel, report)
 
     if mode == "print":
         for trial in trials:
@@ -231,7 +309,9 @@ def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overr
         print(f"# When they have finished: {shlex.join(collect)}")
         return failed
     if mode in ("sequential", "parallel"):
-        run_batch = run_here if mode == "sequential" else run_subprocesses
+        if mode == "sequential" and workers is not None:
+            workers.end_idle(0)  # Trials train here now: idle workers only hold memory.
+        run_batch = run_here if mode == "sequential" else run_in_workers
         if bayes:
             def record():  # sweep.json lists the trials asked so far.
                 sweeps.write_sweep_record(workdir, config_path, spec, bayes.trials(),
@@ -249,12 +329,13 @@ def run_sweep(config_path, workdir, mode="sequential", max_parallel=2, cli_overr
 
 
 def compare_searches(config_path, workdir, search_seeds=3, mode="sequential",
-                     max_parallel=2, cli_overrides=(), run_trial=train_in_process):
+                     max_parallel=2, cli_overrides=(), run_trial=train_in_process,
+                     workers=None):
     """Runs the config's sweep space with search="random" and with search="bayes" at its
     num_trials, with search_seed 0 .. search_seeds - 1 each (`W/<search>/search_seed=<s>/`,
     each a resumable sweep), then writes `W/search_comparison.md` and `.png`; returns
     (failed trials as `<search>/search_seed=<s>/<trial>`, write_search_comparison's
-    outputs). `mode="collect"` only rewrites the comparison."""
+    outputs). `mode="collect"` only rewrites the comparison; `workers` as in run_sweep."""
     base = load_sweep(config_path)
     if not base.random or base.num_trials < 2:
         raise ValueError(f"--compare_searches: {config_path}'s sweep needs a `random` "
@@ -281,7 +362,7 @@ def compare_searches(config_path, workdir, search_seeds=3, mode="sequential",
         directory = os.path.join(workdir, search, f"search_seed={seed}")
         log.info("Search comparison: %s search, search_seed=%d", search, seed)
         part_failed = run_sweep(config_path, directory, mode, max_parallel, cli_overrides,
-                                run_trial, spec)
+                                run_trial, spec, workers=workers)
         failed += [f"{search}/search_seed={seed}/{name}" for name in part_failed]
         trials = sweeps.sweep_trials(spec, directory)
         groups = sweep_report.group_rows(sweep_report.collect_rows(directory, trials), trials)
@@ -297,7 +378,7 @@ def compare_searches(config_path, workdir, search_seeds=3, mode="sequential",
 def enable_compilation_cache(workdir):
     """Trials of one sweep compile the same steps again and again (seeds, label
     fractions, learning rates change no shape): JAX's persistent cache in `W/.jax_cache`
-    turns the repeats into loads, here and in --mode=parallel's subprocesses (env). A
+    turns the repeats into loads, here and in --mode=parallel's workers (env). A
     size limit turns on eviction, and with it JAX's file lock around every cache read and
     write: parallel trials never read each other's half-written entries."""
     import jax
@@ -327,10 +408,11 @@ def load_ablation(config_path, workdir):
 
 
 def run_ablation(config_path, workdir, mode=None, max_parallel=2, cli_overrides=(),
-                 run_trial=train_in_process, ablation=None):
+                 run_trial=train_in_process, ablation=None, workers=None):
     """Runs an ablation's parts in order (each a resumable sweep in `workdir/<part>`),
     then writes its report; returns the failed trials as `part/trial`. `ablation`: what
-    load_ablation already returned for this config, if the caller has it."""
+    load_ablation already returned for this config, if the caller has it; `workers` as
+    in run_sweep."""
     import importlib
 
     parts, report = ablation or load_ablation(config_path, workdir)
@@ -359,7 +441,7 @@ def run_ablation(config_path, workdir, mode=None, max_parallel=2, cli_overrides=
         part_failed = run_sweep(part.config, ablations.part_dir(workdir, part),
                                 *ablations.part_mode(part, chosen, max_parallel),
                                 (*part.overrides, *cli_overrides),
-                                run_trial, spec=part.spec, trials=trials)
+                                run_trial, spec=part.spec, trials=trials, workers=workers)
         if mode != "print":
             ablations.record_part_time(workdir, part, time.perf_counter() - part_start,
                                        part_failed)
@@ -379,15 +461,20 @@ def main(argv):
         f = flags.FLAGS
         enable_compilation_cache(f.workdir)
         ablation = load_ablation(f.config, f.workdir)
-        if f.compare_searches:
-            failed, _ = compare_searches(f.config, f.workdir, f.compare_searches, f.mode,
-                                         f.max_parallel, _cli_overrides)
-        elif ablation:
-            # Without --mode, each part runs as it declares (max_parallel).
-            failed = run_ablation(f.config, f.workdir, f.mode if f["mode"].present else None,
-                                  f.max_parallel, _cli_overrides, ablation=ablation)
-        else:
-            failed = run_sweep(f.config, f.workdir, f.mode, f.max_parallel, _cli_overrides)
+        with Workers() as workers:  # Parallel trials' processes, for every part and batch.
+            if f.compare_searches:
+                failed, _ = compare_searches(f.config, f.workdir, f.compare_searches,
+                                             f.mode, f.max_parallel, _cli_overrides,
+                                             workers=workers)
+            elif ablation:
+                # Without --mode, each part runs as it declares (max_parallel).
+                failed = run_ablation(f.config, f.workdir,
+                                      f.mode if f["mode"].present else None,
+                                      f.max_parallel, _cli_overrides, ablation=ablation,
+                                      workers=workers)
+            else:
+                failed = run_sweep(f.config, f.workdir, f.mode, f.max_parallel,
+                                   _cli_overrides, workers=workers)
     except (KeyError, ValueError, FileNotFoundError) as error:
         sys.exit(f"FATAL: {error.args[0] if error.args else error}")
     if failed:

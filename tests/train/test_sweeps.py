@@ -1,15 +1,20 @@
 """Sweeps: the declared trials exactly, reproducible random search, each trial's config
 (colon arguments and fields), the report (CSV, Markdown mean ± std, PNGs), resuming a
-killed sweep, and one real sweep end to end through the command line."""
+killed sweep, and real sweeps end to end through the command line: --mode=parallel's
+workers (each trial's results as --mode=sequential's, its own log; a killed worker)."""
 
 import csv
 import itertools
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -185,7 +190,8 @@ def test_config_file_and_colon_flags_merge():
 
 
 def test_trial_command_gives_launch_main_the_same_config():
-    """--mode=parallel/print run the command; --mode=sequential builds the config here."""
+    """--mode=print prints the command; --mode=sequential and parallel's workers build
+    the config with sweeps.trial_config."""
     spec = sweeps.parse_sweep({"grid": {"arg.method": ["lora"], "optim.lr": [3.3e-4],
                                         "train.class_weighted_loss": [True],
                                         "optim.param_rules": [((r".*", 0.5),)]},
@@ -296,37 +302,177 @@ def test_print_mode_prints_the_unfinished_trials(tmp_path, capsys):
     assert len(lines) == 2
 
 
+def tiny_overrides(data_dir):
+    """Every trial: scratch runlocal on WordNet, 3 steps, 64 examples to evaluate."""
+    return [f"data.data_dir={data_dir}", "train.num_steps=3", "train.log_every=1",
+            "train.progress=false", "data.eval_split=validation[:64]",
+            "data.test_split=test[:64]"]
+
+
+def sweep_command(config, workdir, data_dir, max_parallel=2):
+    return [sys.executable, "-m", "launch.sweep", f"--config={config}:runlocal",
+            f"--workdir={workdir}", "--mode=parallel", f"--max_parallel={max_parallel}",
+            *(f"--config.{o}" for o in tiny_overrides(data_dir))]
+
+
+def starts(trial_dir):
+    """The pids of the processes that trained this trial (run_history.jsonl)."""
+    with open(os.path.join(trial_dir, "run_history.jsonl")) as f:
+        return [json.loads(line)["pid"] for line in f]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_trial_that_raises_fails_alone_and_its_worker_goes_on(tmp_path):
+    """--mode=parallel's worker: a trial that raises (here its config's check) is failed
+    with the traceback in its own log, and the same worker takes the next trial, also in
+    a later batch (a bayes search's, an ablation's next part), until a sequential part."""
+    config = write_sweep_config(tmp_path, {"grid": {"train.log_every": [-1, -2]}})
+    trials = sweeps.enumerate_trials(launch_sweep.load_sweep(config))
+    workdir, reports, idle = tmp_path / "sweep", [], []
+    (tmp_path / "next").mkdir()
+    sequential = write_sweep_config(tmp_path / "next", {"grid": {"optim.lr": [1e-3]}})
+    with launch_sweep.Workers() as workers:
+        for trial in trials:  # One batch each.
+            assert workers.run(config, str(workdir), [trial], (), 1,
+                               lambda f: reports.append(list(f))) == [trial.name]
+            idle.append([p.pid for p in workers.idle])
+        launch_sweep.run_sweep(sequential, str(tmp_path / "next" / "sweep"),
+                               run_trial=FakeRunner(), workers=workers)
+        assert workers.idle == []  # Ended: trials train in this process now.
+    assert reports == [["log_every=-1"], ["log_every=-2"]]
+    pids = set()
+    for own, other in (("-1", "-2"), ("-2", "-1")):
+        text = (workdir / f"log_every={own}" / "train.log").read_text()
+        (pid,) = re.findall(rf"Trial log_every={own} in sweep worker (\d+)", text)
+        pids.add(int(pid))
+        assert f"log_every={own} must be >= 1" in text and "Traceback" in text
+        assert f"log_every={other}" not in text
+        assert not (workdir / f"log_every={own}" / "results.json").exists()
+    (pid,) = pids  # One worker for both, idle between them.
+    assert idle == [[pid], [pid]] and pid != os.getpid() and not alive(pid)
+
+
 @pytest.mark.slow
 def test_real_sweep_end_to_end_through_the_command_line(wordnet_data_dir, tmp_path):
-    """Two real trials (scratch runlocal, 3 steps) as two launch.main processes."""
-    config = write_sweep_config(tmp_path, {"grid": {"optim.lr": [1e-3, 3e-3]}})
+    """Three real trials (scratch runlocal, 3 steps) in --mode=parallel's two workers:
+    the report; each trial's results as --mode=sequential trains it; each log its own.
+    The trials differ in their label fraction only: one program, compiled once (by the
+    sequential run, into the test session's cache)."""
+    names = ["label_fraction=0.25", "label_fraction=0.5", "label_fraction=1"]
+    config = write_sweep_config(tmp_path, {"grid": {"data.label_fraction": [0.25, 0.5, 1.0]}})
+    overrides = tiny_overrides(wordnet_data_dir)
+    sequential = tmp_path / "sequential"  # One after another in this process.
+    assert launch_sweep.run_sweep(f"{config}:runlocal", str(sequential),
+                                  cli_overrides=overrides) == []
     workdir = tmp_path / "sweep"
-    command = [sys.executable, "-m", "launch.sweep", f"--config={config}:runlocal",
-               f"--workdir={workdir}", "--mode=parallel", "--max_parallel=2",
-               f"--config.data.data_dir={wordnet_data_dir}", "--config.train.num_steps=3",
-               "--config.train.log_every=1", "--config.train.progress=false",
-               "--config.data.eval_split=validation[:64]",
-               "--config.data.test_split=test[:64]"]
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(sweep_command(config, workdir, wordnet_data_dir), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = read_csv(workdir / "results.csv")
     assert [(r["trial"], r["status"], r["step"]) for r in rows] == [
-        ("lr=0.001", "done", "3"), ("lr=0.003", "done", "3")]
+        (name, "done", "3") for name in names]
     for row in rows:
         assert 0.0 <= float(row["validation/accuracy"]) <= 1.0
         assert 0.0 <= float(row["test/macro_f1"]) <= 1.0
         assert float(row["parameters/trainable_percent"]) == 100.0
-    results = json.load(open(workdir / "lr=0.003" / "results.json"))
-    assert float(rows[1]["test/accuracy"]) == results["test[:64]"]["accuracy"]
-    assert "| lr | seeds | validation/accuracy |" in (workdir / "results.md").read_text()
+    results = {n: json.load(open(workdir / n / "results.json")) for n in names}
+    assert float(rows[2]["test/accuracy"]) == results[names[2]]["test[:64]"]["accuracy"]
+    assert "| label_fraction | seeds | validation/accuracy |" in (
+        workdir / "results.md").read_text()
     assert (workdir / "learning_curves.png").read_bytes()[:8] == PNG
-    # Re-running finds both finished: nothing trains again.
+
+    # Each trial's results as the sequential run's.
+    for name in names:
+        expected = json.load(open(sequential / name / "results.json"))
+        assert starts(sequential / name) == [os.getpid()]
+        assert results[name]["step"] == expected["step"] == 3
+        assert results[name]["data"] == expected["data"]
+        for split in ("validation[:64]", "test[:64]"):
+            assert results[name][split] == pytest.approx(expected[split], rel=1e-5), name
+
+    # Two workers trained the three trials, each trial in one start; they have exited.
+    pids = {n: starts(workdir / n) for n in names}
+    assert all(len(p) == 1 for p in pids.values()), pids
+    workers = {p[0] for p in pids.values()}
+    assert len(workers) == 2 and os.getpid() not in workers, pids
+    assert not any(alive(pid) for pid in workers)
+    for name in names:
+        assert f"Started {name} in worker {pids[name][0]} " in run.stderr
+
+    # Each train.log holds its own trial (its header, the results it printed), no other's.
+    losses = {n: r["validation[:64]"]["loss"] for n, r in results.items()}
+    assert len(set(losses.values())) == 3, losses  # Tells the trials apart.
+    for name in names:
+        text = (workdir / name / "train.log").read_text()
+        headers = re.findall(r"Trial (\S+) in sweep worker (\d+)", text)
+        assert headers == [(name, str(pids[name][0]))], (name, headers)
+        printed = json.loads(re.search(r"^\{$.*?^\}$", text, re.M | re.S).group())
+        assert printed == results[name]
+        assert "Mesh {" in text
+
+    # Re-running finds all finished: nothing trains again.
     again = FakeRunner()
     launch_sweep.run_sweep(f"{config}:runlocal", str(workdir), run_trial=again,
-                           cli_overrides=[o[len("--config."):] for o in command
-                                          if o.startswith("--config.")])
+                           cli_overrides=overrides)
     assert again.calls == []
     assert read_csv(workdir / "results.csv") == rows
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_its_trial_and_the_sweep_goes_on(wordnet_data_dir, tmp_path,
+                                                               monkeypatch):
+    """SIGKILL to the worker training seed=0 (one worker at a time): that trial fails, a
+    new worker trains seed=1; re-running the sweep trains seed=0 to the end."""
+    config = write_sweep_config(tmp_path, {"seeds": [0, 1]})
+    workdir = tmp_path / "sweep"
+    jax.devices()  # This process keeps its 8 fake devices (root conftest.py); the
+    monkeypatch.setenv("XLA_FLAGS", "")  # workers train on one: faster here.
+    # No compilation cache: a worker killed mid-write would leave a truncated entry for
+    # the others to load (root conftest.py).
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    output = open(tmp_path / "sweep.log", "w")  # A pipe unread here could fill up.
+    sweep = subprocess.Popen(sweep_command(config, workdir, wordnet_data_dir, 1), cwd=REPO,
+                             env=env, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while sweep.poll() is None and time.monotonic() < deadline:
+        try:  # Written as the trial's training starts; results.json comes seconds later.
+            (killed,) = starts(workdir / "seed=0")
+            break
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    else:
+        sweep.kill()
+        pytest.fail(f"seed=0 never started: {(tmp_path / 'sweep.log').read_text()[-3000:]}")
+    os.kill(killed, signal.SIGKILL)
+    sweep.wait(timeout=600)
+    output.close()
+    log = (tmp_path / "sweep.log").read_text()
+    assert sweep.returncode == 1, log[-3000:]
+    assert "1 trial(s) failed: seed=0" in log
+    assert re.search(r"Trial seed=0 failed \(its worker died: exit -9\); see \S+/seed=0/"
+                     r"train\.log", log), log[-3000:]
+    assert not (workdir / "seed=0" / "results.json").exists()
+    (other,) = starts(workdir / "seed=1")
+    assert other not in (killed, os.getpid())
+    assert f"Started seed=1 in worker {other} " in log
+    assert [(r["trial"], r["status"]) for r in read_csv(workdir / "results.csv")] == [
+        ("seed=0", "failed"), ("seed=1", "done")]
+
+    # The same sweep again (from here, its own workers): only seed=0 trains, to the end.
+    assert launch_sweep.run_sweep(f"{config}:runlocal", str(workdir), mode="parallel",
+                                  cli_overrides=tiny_overrides(wordnet_data_dir)) == []
+    first, resumed = starts(workdir / "seed=0")
+    assert first == killed and resumed not in (killed, other, os.getpid())
+    assert not alive(resumed) and starts(workdir / "seed=1") == [other]
+    assert [r["status"] for r in read_csv(workdir / "results.csv")] == ["done"] * 2
+    assert json.load(open(workdir / "seed=0" / "results.json"))["step"] == 3
 
 
 def test_a_metric_off_the_eval_split_fails_before_any_trial(tmp_path):

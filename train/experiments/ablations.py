@@ -25,7 +25,7 @@ learning-rate search part, then `"optim.lr": "{best:lr_search:optim.lr}"` trains
 method at its own selected rate. Resolved from the runs on disk, so a resumed ablation
 resolves the same values; the trial names do not change, sweep.json records the values.
 
-A part's `max_parallel=N` runs N of its trials at once (`--mode=parallel`'s subprocesses)
+A part's `max_parallel=N` runs N of its trials at once (`--mode=parallel`'s workers)
 when the command names no `--mode`; a `--mode` on the command line applies to every part.
 """
 
@@ -50,7 +50,7 @@ class Part:
     overrides: tuple  # "key=value" strings for every trial, `{workdir}` substituted.
     title: str
     selected: tuple = ()  # (key, source part, field) of its `{best:...}` overrides.
-    # Trials at once (launch.main subprocesses) when the ablation runs without --mode: a
+    # Trials at once (--mode=parallel's workers) when the ablation runs without --mode: a
     # tiny model's trial keeps one core busy, so two fill a 2-core machine.
     max_parallel: int = 1
 
