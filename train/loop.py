@@ -9,6 +9,7 @@ checkpoints, signals) live here; the steps, losses and model are pure.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -115,6 +116,39 @@ def restore_or_init(trainer, checkpoints, data, config, workdir):
 
 
 # --- Pieces of the loop ------------------------------------------------------------------
+
+class TrainClock:
+    """Training seconds across restarts: each checkpoint's step records the seconds of
+    every invocation that led to it (W/train_time.json), so a resumed run reports the
+    time its result cost, not only its last invocation's. A resume from a step the file
+    does not know (a run started by an older code version) counts that past as unknown."""
+
+    FILE = "train_time.json"
+
+    def __init__(self, workdir, start_step):
+        self.path = os.path.join(workdir, self.FILE)
+        self.by_step = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.by_step = json.load(f)
+        self.before = self.by_step.get(str(start_step), [] if start_step == 0 else [None])
+        self.start = time.perf_counter()
+
+    def segments(self):
+        """Seconds of each invocation so far, this one last (None: not recorded)."""
+        return [*self.before, time.perf_counter() - self.start]
+
+    def saved(self, step):
+        """The checkpoint of `step` holds the training so far."""
+        self.by_step[str(step)] = self.segments()
+        if jax.process_index() == 0:
+            atomic_write_json(self.path, self.by_step)
+
+    def report(self):
+        segments = self.segments()
+        return {"train_time_s": sum(s for s in segments if s is not None),
+                "train_time_segments_s": segments}
+
 
 class Preemption:
     """SIGTERM (a TPU preemption, `scancel`) or orbax's preemption notice. The loop asks
@@ -296,7 +330,7 @@ class Throughput:
 
 
 def final_results(trainer, data, state, config, step, train_time, compiled):
-    results = {"step": step, "train_time_s": train_time, "parameters": trainer.counts,
+    results = {"step": step, **train_time, "parameters": trainer.counts,
                "data": data.report()}
     if compiled:  # The widest batch's executable: the run's peak.
         results["peak_memory"] = memory.peak_memory(compiled[max(compiled, key=lambda s: s[1])])
@@ -355,7 +389,7 @@ def train(config, workdir, data, trainer, results_file=True):
     # One executable per batch shape: with config.data.length_buckets the width varies
     # among a few fixed values, each compiled once.
     throughput, compiled, best_step = Throughput(), {}, None
-    train_start = time.perf_counter()
+    clock = TrainClock(workdir, step)
     try:
         with Preemption(checkpoints) as preemption:
             while step < num_steps and not stopped:
@@ -400,6 +434,7 @@ def train(config, workdir, data, trainer, results_file=True):
                     if is_save:
                         checkpoints.save(step, state, data.train_iter.get_state(),
                                          force=True)
+                        clock.saved(step)
                         _test_hook("after_save", step)
                     if keep_best:
                         checkpoints.save_best(step, state, data.train_iter.get_state(),
@@ -427,8 +462,7 @@ def train(config, workdir, data, trainer, results_file=True):
         checkpoints.close()
         metrics_log.close()
 
-    results = final_results(trainer, data, state, config, step,
-                            time.perf_counter() - train_start, compiled)
+    results = final_results(trainer, data, state, config, step, clock.report(), compiled)
     if early_stopping.enabled:
         results.update(early_stopping.report(stopped_at, best_step))
     return write_results(workdir, results) if results_file else results

@@ -6,6 +6,7 @@ workdir."""
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -45,19 +46,35 @@ PHASES = [("after_step", 4, 4), ("after_decision", 4, 5), ("after_eval", 4, 5),
 def test_a_signal_at_any_phase_ends_in_a_checkpoint_of_the_named_step(
         phase, at, saved, wordnet_data_dir, tmp_path, monkeypatch):
     config = tiny_config(wordnet_data_dir)
-    monkeypatch.setattr(loop, "TEST_HOOK", lambda p, step: os.kill(
-        os.getpid(), signal.SIGTERM) if (p, step) == (phase, at) else None)
+    pause = 1.5  # Seconds the first invocation spends in step 1 (its train time).
+
+    def hook(p, step):
+        if (p, step) == ("after_step", 1):
+            time.sleep(pause)
+        if (p, step) == (phase, at):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop, "TEST_HOOK", hook)
+    start = time.perf_counter()
     results = loop.train_and_evaluate(config, str(tmp_path))
+    first_wall = time.perf_counter() - start
     assert results == {"preempted_at_step": saved}
     assert latest_checkpoint(str(tmp_path), config) == saved
     assert not (tmp_path / "results.json").exists()
 
     monkeypatch.setattr(loop, "TEST_HOOK", None)
+    start = time.perf_counter()
     results = loop.train_and_evaluate(config, str(tmp_path))  # Requeued: resumes.
+    second_wall = time.perf_counter() - start
     assert results["step"] == 8
     with open(tmp_path / "metrics.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == list(range(1, 9))  # One row per step across the restart.
+    # Train time counts both invocations: the first's (with its pause) up to the
+    # checkpoint the second resumed from, then the second's.
+    first, second = results["train_time_segments_s"]
+    assert pause < first < first_wall and 0 < second < second_wall
+    assert results["train_time_s"] == pytest.approx(first + second)
 
 
 @pytest.mark.slow
