@@ -438,10 +438,16 @@ def run_ablation(config_path, workdir, mode=None, max_parallel=2, cli_overrides=
                       f"re-run --mode=print ({error})")
                 continue
             trials = None
-        part_failed = run_sweep(part.config, ablations.part_dir(workdir, part),
-                                *ablations.part_mode(part, chosen, max_parallel),
-                                (*part.overrides, *cli_overrides),
-                                run_trial, spec=part.spec, trials=trials, workers=workers)
+        try:
+            part_failed = run_sweep(part.config, ablations.part_dir(workdir, part),
+                                    *ablations.part_mode(part, chosen, max_parallel),
+                                    (*part.overrides, *cli_overrides),
+                                    run_trial, spec=part.spec, trials=trials,
+                                    workers=workers)
+        except BaseException:  # SIGTERM, Ctrl-C: the time spent so far still counts.
+            if mode != "print":
+                ablations.record_part_time(workdir, part, time.perf_counter() - part_start)
+            raise
         if mode != "print":
             ablations.record_part_time(workdir, part, time.perf_counter() - part_start,
                                        part_failed)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 import zlib
 
 import numpy as np
@@ -322,6 +323,45 @@ def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_pat
     search = [t for p in parts if p.name == "search" for t in sweeps.enumerate_trials(p.spec)]
     best = max(search, key=lambda t: t.overrides["optim.lr"])
     assert f"| **{best.name}** |" in text and f"`{best.name}`" in text
+
+
+class InterruptedTrainer(FakeTrainer):
+    """Spends `seconds` on each trial; Ctrl-C at the `interrupt_at`-th trial it runs."""
+
+    def __init__(self, seconds, interrupt_at=None):
+        super().__init__()
+        self.seconds, self.interrupt_at = seconds, interrupt_at
+
+    def __call__(self, trial, config, workdir):
+        time.sleep(self.seconds)
+        if len(self.ran) + 1 == self.interrupt_at:
+            raise KeyboardInterrupt
+        return super().__call__(trial, config, workdir)
+
+
+def test_a_part_s_wall_time_sums_its_invocations_interrupted_ones_included(tmp_path):
+    workdir = str(tmp_path / "stages")
+    parts, report = load_stages(workdir)
+    part = dataclasses.replace(parts[1], spec=dataclasses.replace(parts[1].spec,
+                                                                  seeds=(0, 1, 2)))
+    first = InterruptedTrainer(0.3, interrupt_at=3)  # Two trials done, then Ctrl-C.
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        launch_sweep.run_ablation(STAGES, workdir, run_trial=first,
+                                  ablation=([part], None))
+    first_wall = time.perf_counter() - start
+    recorded = ablations.read_record(workdir)["parts"][part.name]
+    assert 3 * 0.3 <= recorded["wall_s"] <= first_wall and recorded["failed"] == []
+
+    second = InterruptedTrainer(0.3)  # The rest: one trial per label fraction.
+    start = time.perf_counter()
+    assert launch_sweep.run_ablation(STAGES, workdir, run_trial=second,
+                                     ablation=([part], None)) == []
+    second_wall = time.perf_counter() - start
+    total = ablations.read_record(workdir)["parts"][part.name]["wall_s"]
+    assert len(second.ran) == len(sweeps.enumerate_trials(part.spec)) - 2
+    assert recorded["wall_s"] + 0.3 * len(second.ran) <= total <= recorded["wall_s"] + \
+        second_wall
 
 
 class PeakedTrainer(FakeTrainer):

@@ -198,14 +198,16 @@ def _recorded_overrides(directory):
         return {t["name"]: t["overrides"] for t in json.load(f)["trials"]}
 
 
-def record_part_time(workdir, part, seconds, failed):
+def record_part_time(workdir, part, seconds, failed=None):
     """Adds `seconds` to the part's wall time in `<workdir>/ablation.json` (summed over
-    resumed invocations) and records its failed trials."""
+    resumed invocations, interrupted ones included) and records its failed trials
+    (None: an interrupted invocation, which leaves the record's list)."""
     path = os.path.join(workdir, "ablation.json")
     record = read_record(workdir)
-    entry = record["parts"].setdefault(part.name, {"wall_s": 0.0})
+    entry = record["parts"].setdefault(part.name, {"wall_s": 0.0, "failed": []})
     entry["wall_s"] += seconds
-    entry["failed"] = list(failed)
+    if failed is not None:
+        entry["failed"] = list(failed)
     entry["title"] = part.title
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
