@@ -569,3 +569,20 @@ def test_parts_declare_how_many_trials_run_at_once_unless_the_command_says(tmp_p
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"part 0 \('a'\): max_parallel="):
             ablations.parse_ablation(dict(parts=[{**good, "max_parallel": bad}]), tmp_path)
+
+
+def test_report_header_names_every_code_version_a_resumed_ablation_ran(tmp_path):
+    from train.experiments import stages_report
+
+    runs = {}
+    for i, commit in enumerate(["aaaa", "bbbb", "bbbb"]):
+        trial_dir = tmp_path / f"t{i}"
+        trial_dir.mkdir()
+        (trial_dir / "run.json").write_text(json.dumps(
+            {"environment": {"jax": "0.1"}, "code": {"git_commit": commit * 3}}))
+        runs.setdefault("part", []).append(({}, None, str(trial_dir)))
+    env, commits = stages_report._code_versions(runs)
+    assert env == {"jax": "0.1"}
+    assert commits == "runs from commits bbbbbbbbbb (2), aaaaaaaaaa (1)"
+    one = {"part": runs["part"][1:]}
+    assert stages_report._code_versions(one)[1] == "commit bbbbbbbbbb"

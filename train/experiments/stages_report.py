@@ -13,6 +13,7 @@ t-test (train/experiments/statistics.py); one with p ≥ 0.05 is written "not
 significant (p = ...)", as is one with too few seeds to test, instead of a ranking.
 """
 
+import collections
 import datetime
 import json
 import os
@@ -163,18 +164,28 @@ def _table(header, rows):
 # --- Sections ----------------------------------------------------------------------------
 
 
-def _header(workdir, runs, record):
-    env, code = {}, {}
+def _code_versions(runs):
+    """(environment of the first run, "commit X" or, when a resumed ablation's runs came
+    from several code versions, each commit with its number of runs)."""
+    env, commits = {}, collections.Counter()
     for part_runs in runs.values():
         for _, _, trial_dir in part_runs:
             path = os.path.join(trial_dir, "run.json")
             if os.path.exists(path):
                 with open(path) as f:
                     run = json.load(f)
-                env, code = run.get("environment", {}), run.get("code", {})
-                break
-        if env:
-            break
+                env = env or run.get("environment", {})
+                code = run.get("code", {})
+                commits[str(code.get("git_commit", "?"))[:10]
+                        + (" (dirty)" if code.get("git_dirty") else "")] += 1
+    if len(commits) <= 1:
+        return env, f"commit {next(iter(commits), '?')}"
+    return env, "runs from commits " + ", ".join(
+        f"{commit} ({count})" for commit, count in commits.most_common())
+
+
+def _header(workdir, runs, record):
+    env, commits = _code_versions(runs)
     total = sum(p.get("wall_s", 0.0) for p in record["parts"].values())
     lines = [
         "# The stages compared: scratch, pre-training, fine-tuning, RAG",
@@ -183,8 +194,7 @@ def _header(workdir, runs, record):
         f"(configs/ablations/stages.py). All parts took **{total / 60:.1f} min** on "
         f"{len(env.get('devices', [])) or '?'} {env.get('device_kind', '?')} device(s), "
         f"{os.cpu_count()} CPU cores; jax {env.get('jax', '?')}, flax "
-        f"{env.get('flax', '?')}, commit {str(code.get('git_commit', '?'))[:10]}"
-        f"{' (dirty)' if code.get('git_dirty') else ''}.",
+        f"{env.get('flax', '?')}, {commits}.",
         "",
         _table(["part", "trials finished", "wall time"], [
             (f"`{name}`: {record['parts'].get(name, {}).get('title', '')}",
