@@ -35,6 +35,7 @@ import os
 import re
 
 from train.experiments import sweeps
+from train.run_files import atomic_write_json
 
 PART_FIELDS = ("name", "config", "sweep", "overrides", "title", "max_parallel")
 BEST = re.compile(r"\{best:([A-Za-z0-9_.-]+):([A-Za-z0-9_.]+)\}")  # {best:<part>:<field>}
@@ -209,10 +210,7 @@ def record_part_time(workdir, part, seconds, failed=None):
     if failed is not None:
         entry["failed"] = list(failed)
     entry["title"] = part.title
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, record)
 
 
 def read_record(workdir):
