@@ -31,6 +31,9 @@ written by train/experiments/stages_report.py):
              learning, closed-book and with the exact top-k passages).
   rag_tuned  (scale=full) the same decoder fine-tuned RAFT style with LoRA on those
              prompts first (configs/rag.py:gen=smollm2,method=lora), asked the same way.
+  post_train (scale=full) `rag_tuned`'s decoder post-trained by GRPO (exact-match reward
+             on its own sampled answers) and by DPO (pairs of a gold answer over a wrong
+             sample), configs/post_train.py:scale=full: held-out questions before/after.
   search     random search over learning rate and steps for LoRA: the best trial picked
              on validation, reported on test.
 
@@ -69,7 +72,8 @@ SCALES = {
                  methods=DEMO_METHODS, minilm_steps=40, minilm_methods=[], lr_scale=15.0,
                  lr_search=False,
                  rag="runlocal,gen=smollm2", rag_questions=96, rag_new_facts=40,
-                 rag_tuned="", in_context_k=3, in_context=("closed_book",), search_trials=0),
+                 rag_tuned="", post_train=(), in_context_k=3, in_context=("closed_book",),
+                 search_trials=0),
     # The reference run on a 2-core CPU (one to two hours): the demo's tiny model trained
     # longer (4x the MLM steps, ~4x the supervised steps), learning rates searched, four
     # times the RAG questions.
@@ -78,8 +82,8 @@ SCALES = {
                 methods=METHODS, minilm_steps=300, minilm_methods=["lora"], lr_scale=15.0,
                 lr_search=True,
                 rag="runlocal,gen=smollm2", rag_questions=200, rag_new_facts=80,
-                rag_tuned="", in_context_k=3, in_context=("closed_book", "retrieval"),
-                search_trials=8),
+                rag_tuned="", post_train=(), in_context_k=3,
+                in_context=("closed_book", "retrieval"), search_trials=8),
     "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=3,
                  label_fractions=LABEL_FRACTIONS, label_seeds=3,
                  methods=METHODS, minilm_steps=1500, minilm_methods=["full", "lora"],
@@ -87,7 +91,8 @@ SCALES = {
                  lr_search=True,
                  rag="gen=smollm2", rag_questions=2000, rag_new_facts=200, in_context_k=3,
                  in_context=("closed_book", "retrieval"),
-                 rag_tuned="gen=smollm2,method=lora", search_trials=8),
+                 rag_tuned="gen=smollm2,method=lora", post_train=("grpo", "dpo"),
+                 search_trials=8),
 }
 
 
@@ -189,6 +194,13 @@ def get_ablation(arg=None):
                 config=f"configs/rag.py:{s['rag_tuned']}", sweep=dict(seeds=[0]),
                 overrides={"rag.max_eval_questions": s["rag_questions"]})]
           if s["rag_tuned"] else []),
+        # Post-training starts from rag_tuned's SFT decoder (its LoRA merged; a fresh one
+        # trained on top, the SFT model itself the reference) and asks its test questions.
+        *([dict(name="post_train", title="Post-training the RAFT-tuned decoder (GRPO, DPO)",
+                config="configs/post_train.py:scale=full,sft={workdir}/rag_tuned/seed=0",
+                sweep=dict(grid={"arg.algo": list(s["post_train"])}, seeds=[0]),
+                overrides={"post_train.eval_questions": s["rag_questions"]})]
+          if s["post_train"] and s["rag_tuned"] else []),
         *([dict(name="search", **parallel,
                 title="Random search over learning rate and steps (LoRA)",
                 config=f"{finetune},method=lora",

@@ -33,7 +33,7 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
     assert names == ["pretrain", *(["lr_search", "lr_search_scratch"] if scale != "demo"
                                    else []), "scratch",
                      "finetune", "methods", *(["minilm"] if scale != "demo" else []), "rag",
-                     *(["rag_tuned"] if scale == "full" else []),
+                     *(["rag_tuned", "post_train"] if scale == "full" else []),
                      *(["search"] if scale != "demo" else [])]
     pretrain_trial = sweeps.enumerate_trials(parts[0].spec)[0]
     pretrained = os.path.join(str(tmp_path), "pretrain", pretrain_trial.name)
@@ -59,6 +59,14 @@ def test_stages_parts_build_valid_configs_in_dependency_order(scale, tmp_path):
             assert (config.rag.generator, config.init_from) == ("", "gguf:smollm2")
             assert config.data.prompt_format == "chat" and config.model.lora_rank > 0
             assert config.rag.max_eval_questions == rag.rag.max_eval_questions
+    # Post-training (full scale): GRPO and DPO from rag_tuned's run, on its held-out
+    # questions (its `{workdir}` in the config argument, resolved).
+    post = {c.task: c for k, c in configs.items() if k[0] == "post_train"}
+    assert sorted(post) == (["dpo", "grpo"] if scale == "full" else [])
+    for config in post.values():
+        assert config.init_from == f"{tmp_path}/rag_tuned/seed=0"  # Its generator/ once run.
+        assert config.data.qa_dir == f"{tmp_path}/rag_tuned/seed=0/qa"
+        assert config.post_train.eval_questions == rag.rag.max_eval_questions
     # Equal budgets: every supervised run of the comparison has the same steps and batch.
     compared = [c for k, c in supervised.items() if k[0] != "search"]
     assert len({(c.train.num_steps, c.data.batch_size, c.data.seq_len) for c in compared}) == 1
@@ -166,6 +174,20 @@ class FakeTrainer:
                     for setting, values in (("closed_book", (0.125, 0.2, 0.25)),
                                             ("retrieval", (0.375, 0.5, 0.625)))
                     if setting in config.rag.in_context_settings}}
+        elif config.task in ("grpo", "dpo"):  # Post-training: 40 held-out questions.
+            gains = 12 if config.task == "grpo" else 2  # Exact matches it adds (of 40).
+
+            def evaluation(exact, contained):
+                return {"exact_match": exact / 40, "gold_contained": contained / 40,
+                        "reward": exact / 40, "kl": 0.0 if exact == 8 else 0.25,
+                        "answer_tokens": 3.0, "count": 40,
+                        "per_question": per_question(exact, 0.0, contained, 40)}
+            modes = ("closed_book", "with_passages")
+            results = {"algo": config.task, "step": config.train.num_steps,
+                       "train_time_s": 30.0, "parameters": {"trainable": 4096},
+                       "pairs": 64 if config.task == "dpo" else None,
+                       "start": {m: evaluation(8, 10) for m in modes},
+                       "end": {m: evaluation(8 + gains, 10 + gains) for m in modes}}
         else:
             pretrained = 0.1 if config.get("init_from") else 0.0
             accuracy = (0.3 + 0.2 * config.data.label_fraction + pretrained
@@ -323,6 +345,47 @@ def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_pat
     search = [t for p in parts if p.name == "search" for t in sweeps.enumerate_trials(p.spec)]
     best = max(search, key=lambda t: t.overrides["optim.lr"])
     assert f"| **{best.name}** |" in text and f"`{best.name}`" in text
+
+
+def test_post_training_section_and_summary_row_test_each_run_against_its_sft_start(
+        tmp_path):
+    """scale=full's rag_tuned then post_train (GRPO, DPO): each held-out metric before
+    (SFT) → after, McNemar-tested as scipy computes it; the summary's post-training row
+    filled from the runs; without the part (the demo), the row says "not run"."""
+    workdir = str(tmp_path / "stages")
+    parts, report = load_stages(workdir, "scale=full,lr_search=false")
+    parts = [p for p in parts if p.name in ("rag_tuned", "post_train")]
+    trainer = FakeTrainer()
+    assert launch_sweep.run_ablation(STAGES, workdir, run_trial=trainer,
+                                     ablation=(parts, report)) == []
+    assert trainer.ran == ["rag_tuned/seed=0", "post_train/algo=grpo,seed=0",
+                           "post_train/algo=dpo,seed=0"]
+    text = open(os.path.join(workdir, "report.md")).read()
+    # GRPO: 12 questions gained, none lost (of 40): exact McNemar = binomial(0 of 12).
+    p_grpo = stats.binomtest(0, 12, 0.5).pvalue
+    assert p_grpo < 0.001
+    assert ("| GRPO, closed-book | 20.0% → 50.0% (+30.0, p < 0.001) | 25.0% → 55.0% "
+            "(+30.0, p < 0.001) | 0.200 → 0.500 | 0.250 | 3.0 |") in text, text
+    # DPO: 2 gained: p = 0.5, not significant.
+    assert f"{stats.binomtest(0, 2, 0.5).pvalue:.3g}" == "0.5"
+    assert ("| DPO, with passages | 20.0% → 25.0% (+5.0, not significant (p = 0.5)) |"
+            in text)
+    assert "| GRPO | 500 | 30 s | 4,096 | rewards of sampled answers |" in text
+    assert "| DPO | 500 | 30 s | 4,096 | 64 preference pairs |" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| post-training")]
+    assert ("GRPO: questions and a reward function, no target text; DPO: 64 preference "
+            "pairs | GRPO 30 s after SFT; DPO 30 s after SFT | GRPO: closed-book exact "
+            "match 20.0% → 50.0% (+30.0, p < 0.001); DPO: closed-book exact match 20.0% "
+            "→ 25.0% (+5.0, not significant (p = 0.5))") in row, row
+
+    demo = str(tmp_path / "demo")
+    parts, report = load_stages(demo)
+    assert launch_sweep.run_ablation(STAGES, demo, run_trial=FakeTrainer(), ablation=(
+        [p for p in parts if p.name == "rag"], report)) == []
+    text = open(os.path.join(demo, "report.md")).read()
+    (row,) = [line for line in text.splitlines() if line.startswith("| post-training")]
+    assert row.endswith("| not run (scale=full) | not run | not run |")
+    assert "## 4c." not in text
 
 
 class InterruptedTrainer(FakeTrainer):

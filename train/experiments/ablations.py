@@ -12,7 +12,8 @@ A config file may define `get_ablation(arg)` (instead of `get_sweep`) returning
 
 Each part is a sweep (train/experiments/sweeps.py) run in `<workdir>/<name>/`; parts run in
 declaration order, so a later part may start from an earlier part's run:
-`{workdir}` in an override value is the ablation's workdir. `overrides` apply to every
+`{workdir}` in an override value or a config argument is the ablation's workdir (a path
+holding a comma would split the argument). `overrides` apply to every
 trial of the part (as `--config.<key>=<value>` would). `report` names the report
 writer that turns the parts' results into `<workdir>/report.md` (launch/sweep.py).
 Config paths are relative to the repository root (the directory holding `configs/`).
@@ -77,7 +78,10 @@ def parse_ablation(raw, workdir):
         names.add(name)
         if "config" not in part or "sweep" not in part:
             raise ValueError(f"{where}: needs `config` (a config file) and `sweep`")
-        path, arg = sweeps.split_config_path(part["config"])
+        # `{workdir}` in a config argument too (a part that starts from an earlier one's
+        # run directory, e.g. post_train.py:sft={workdir}/rag_tuned/seed=0).
+        path, arg = sweeps.split_config_path(
+            str(part["config"]).replace("{workdir}", os.path.abspath(workdir)))
         path = path if os.path.isabs(path) else os.path.join(ROOT, path)
         try:
             spec = sweeps.parse_sweep(part["sweep"])

@@ -37,6 +37,7 @@ def write_report(workdir, parts):
         _methods(workdir, runs),
         _compute(runs, record),
         _rag(runs),
+        _post_training(runs),
         _search(runs),
         _lr_search(runs),
     ]
@@ -575,6 +576,64 @@ def _question_tests(results):
     return rows
 
 
+# --- Post-training ------------------------------------------------------------------------
+
+_POST_MODES = (("closed_book", "closed-book"), ("with_passages", "with passages"))
+
+
+def _post_training_runs(runs):
+    """[(algo, results)] of the finished post_train trials, GRPO first."""
+    done = [(str(_value(r, "algo", "?")), r) for _, r, _ in _finished(runs, "post_train")]
+    return sorted(done, key=lambda ar: ar[0] != "grpo")
+
+
+def _before_after(results, mode, metric):
+    """'12.0% → 15.5% (+3.5, p = 0.02)': the SFT start vs the post-trained end on the
+    same held-out questions, McNemar-tested when the run kept per-question scores."""
+    start, end = (_value(results, f"{when}/{mode}") or {} for when in ("start", "end"))
+    text = f"{_pct([start.get(metric)])} → {_pct([end.get(metric)])}"
+    a, b = (_value(r, f"per_question/{metric}") for r in (start, end))
+    return text + (f" ({question_test(a, b, metric)})" if a and b and len(a) == len(b)
+                   else "")
+
+
+def _post_training(runs):
+    done = _post_training_runs(runs)
+    if not done:
+        return ""
+    rows = []
+    for algo, r in done:
+        for mode, label in _POST_MODES:
+            end = _value(r, f"end/{mode}") or {}
+            rows.append((f"{algo.upper()}, {label}", _before_after(r, mode, "exact_match"),
+                         _before_after(r, mode, "gold_contained"),
+                         f"{_value(r, f'start/{mode}/reward', float('nan')):.3f} → "
+                         f"{end.get('reward', float('nan')):.3f}",
+                         f"{end.get('kl', float('nan')):.3f}",
+                         f"{end.get('answer_tokens', float('nan')):.1f}"))
+    first = done[0][1]
+    count = _value(first, "end/closed_book/count")
+    return "\n".join([
+        "## 4c. Post-training the fine-tuned decoder: GRPO and DPO",
+        "",
+        f"From `rag_tuned`'s SFT decoder (its LoRA merged; a fresh adapter trained on top, "
+        f"the SFT model with that adapter off is the reference): GRPO maximises a "
+        f"verifiable reward on its own sampled answers, DPO learns from pairs of a gold "
+        f"answer over a wrong sample. {count} held-out questions, greedy answers, before "
+        f"(SFT) → after; paired over the same questions (exact McNemar). KL: to the SFT "
+        f"model, per answer.",
+        "",
+        _table(["run", "exact match", "gold contained", "reward", "KL", "answer tokens"],
+               rows),
+        "",
+        _table(["run", "steps", "train time", "trainable parameters", "training signal"], [
+            (algo.upper(), r.get("step", "–"), f"{r.get('train_time_s', 0):.0f} s",
+             f"{_value(r, 'parameters/trainable', 0):,}",
+             f"{r['pairs']} preference pairs" if r.get("pairs") else "rewards of sampled "
+             "answers") for algo, r in done]),
+    ])
+
+
 def _search(runs):
     done = _finished(runs, "search")
     if not done:
@@ -731,6 +790,17 @@ def _summary(runs, record):
                                      ("retrieval", "rag_exact", "with passages"))
               if s in shots),
             "a new task = new demonstrations"])
+    post = _post_training_runs(runs)
+    post_data = "; ".join(
+        f"DPO: {r['pairs']} preference pairs" if r.get("pairs") else
+        f"{algo.upper()}: questions and a reward function, no target text"
+        for algo, r in post) or "not run (scale=full)"
+    post_compute = "; ".join(f"{algo.upper()} {r.get('train_time_s', 0):.0f} s after SFT"
+                             for algo, r in post) or "not run"
+    post_flex = "; ".join([*(f"{algo.upper()}: closed-book exact match "
+                             f"{_before_after(r, 'closed_book', 'exact_match')}"
+                             for algo, r in post),
+                           "a new objective = a new reward function"]) if post else "not run"
     return "\n".join([
         "## Summary: the stages side by side",
         "",
@@ -747,6 +817,8 @@ def _summary(runs, record):
              "question/answer pairs; the KB is unlabeled text", rag_text, rag_flex),
             ("in-context learning", "steer a pre-trained decoder with examples in its "
              "prompt, no weight update", icl_data, icl_compute, icl_flex),
+            ("post-training (GRPO / DPO)", "improve a fine-tuned decoder from rewards or "
+             "preferences instead of target text", post_data, post_compute, post_flex),
         ]),
     ])
 

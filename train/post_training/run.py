@@ -298,12 +298,15 @@ def abstract_update_step(config, devices=None):
 
 def evaluate(pt, params, ref_params, examples, closed_book):
     """Greedy answers to `examples` -> {exact_match, gold_contained, reward, format,
-    answer_tokens, kl, count}."""
+    answer_tokens, kl, count, per_question: {exact_match, gold_contained}} (per-question
+    0/1 scores: a paired test of start vs end over the same questions)."""
     cfg, pc = pt.config, pt.config.post_train
     batch_size = int(cfg.data.eval_batch_size)
     greedy = rollout.decode_config(pc, pt.tokenizer, cfg.data.prompt_format, greedy=True)
     sums = dict(exact_match=0.0, gold_contained=0.0, reward=0.0, format=0.0,
                 answer_tokens=0.0, kl=0.0)
+    scorers = {"exact_match": rewards.exact_match, "gold_contained": rewards.gold_contained}
+    per_question = {metric: [] for metric in scorers}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [rollout.prompt_ids(pt.tokenizer, ex, cfg.data, pc.max_new_tokens,
@@ -320,14 +323,16 @@ def evaluate(pt, params, ref_params, examples, closed_book):
         for i, ex in enumerate(chunk):
             text = rollout.answer_text(pt.tokenizer, answers[i], pt.stop)
             golds = [ex["answer"]]
-            sums["exact_match"] += rewards.exact_match(text, golds)
-            sums["gold_contained"] += rewards.gold_contained(text, golds)
+            for metric, scorer in scorers.items():
+                per_question[metric].append(scorer(text, golds))
+                sums[metric] += per_question[metric][-1]
             sums["format"] += rewards.format_score(text, finished[i])
             sums["reward"] += rewards.reward(pc.reward, text, golds, finished[i],
                                              pc.format_reward)
             sums["answer_tokens"] += len(answers[i])
             sums["kl"] += float(seq_kl[i])
-    return {k: v / len(examples) for k, v in sums.items()} | {"count": len(examples)}
+    return ({k: v / len(examples) for k, v in sums.items()}
+            | {"count": len(examples), "per_question": per_question})
 
 
 def evaluate_modes(pt, params, ref_params, examples):
@@ -486,7 +491,7 @@ def write_reward_curve(workdir):
 
 def _flat_eval(results):
     return {f"eval/{mode}/{k}": v for mode, r in results.items() for k, v in r.items()
-            if k != "count"}
+            if k not in ("count", "per_question")}
 
 
 def run_grpo(config, workdir, allow_config_change=()):
