@@ -223,6 +223,11 @@ def test_kill_and_resume_equals_the_uninterrupted_run(whole_run, tmp_path):
     assert len(step_rows(whole_dir)) == STEPS
     assert step_rows(whole_dir) == step_rows(resumed_dir)
     assert whole["end"] == resumed["end"]
+    # The train time counts the killed invocation's seconds too, up to its checkpoint.
+    assert len(whole["train_time_segments_s"]) == 1
+    first, second = resumed["train_time_segments_s"]
+    assert first > 0 and second > 0
+    assert resumed["train_time_s"] == pytest.approx(first + second)
 
 
 def test_several_updates_per_rollout_clip_and_resume_bitwise(tmp_path):

@@ -41,6 +41,7 @@ from train.data import pipeline
 from train.data import tokenizer as tokenizers
 from train.embedding import unflatten
 from train.init_from import init_params_from, load_params, merge_params
+from train.loop import TrainClock
 from train.metrics_log import MetricsLog
 from train.param_rules import combine, partition, path_string
 from train.post_training import dpo, grpo, logprobs, rewards, rollout
@@ -554,7 +555,7 @@ def run(config, workdir, algo, allow_config_change=()):
 
     num_steps, train_cfg = config.train.num_steps, config.train
     metrics_log = MetricsLog(workdir, num_steps, step, train_cfg.progress)
-    train_start = time.perf_counter()
+    clock = TrainClock(workdir, step)  # Seconds over every invocation (restarts too).
     try:
         while step < num_steps:
             if algo == "grpo":
@@ -579,6 +580,7 @@ def run(config, workdir, algo, allow_config_change=()):
                 metrics_log.progress(step, {"loss": f"{record['train/loss']:.4f}"})
             if step % train_cfg.checkpoint_every == 0 or step == num_steps:
                 checkpoints.save(step, state, {"step": step}, force=True)
+                clock.saved(step)
                 _test_hook("after_save", step)
         final = evaluate_modes(pt, state.params, ref_params, eval_examples)
         metrics_log.write(step, _flat_eval(final))
@@ -588,7 +590,7 @@ def run(config, workdir, algo, allow_config_change=()):
         metrics_log.close()
     write_reward_curve(workdir)
     return write_results(workdir, {
-        "algo": algo, "step": step, "train_time_s": time.perf_counter() - train_start,
+        "algo": algo, "step": step, **clock.report(),
         "parameters": pt.setup.counts, "start": start_eval, "end": final,
         "pairs": None if pairs is None else len(pairs)})
 
