@@ -322,7 +322,9 @@ def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_pat
                 + (p_text if p < 0.05 else f"not significant ({p_text})"))
 
     def row(first_cell):
-        (line,) = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+        main_tables = text.split("### 2b.")[0]  # (2b's rows start with method names too.)
+        (line,) = [line for line in main_tables.splitlines()
+                   if line.startswith(f"| {first_cell} |")]
         return line
 
     scratch = accuracy("scratch", "data.label_fraction")
@@ -337,6 +339,24 @@ def test_stages_report_over_three_seeds_gives_intervals_and_paired_tests(tmp_pat
         assert row(method).startswith(f"| {method} | {cell(by_seed)} | ")
         assert f"| {compared(tuned[1.0], by_seed)} |" in row(method)
     assert row("full").startswith(f"| full | {cell(tuned[1.0])} | ")
+    # Section 2b: every pair (full, bitfit, lora), row minus column, paired t over seeds,
+    # Holm-adjusted over the 3 pairs (scipy's p-values, adjusted here by hand).
+    by_method = {"full": tuned[1.0], **methods}
+    order = sorted(by_method, key=lambda m: -np.mean(list(by_method[m].values())))
+    pairs = [(order[i], order[j]) for i in range(3) for j in range(i + 1, 3)]
+    raw = [stats.ttest_rel([by_method[a][s] for s in range(3)],
+                           [by_method[b][s] for s in range(3)]).pvalue for a, b in pairs]
+    ranked = np.argsort(raw)
+    holm = np.maximum.accumulate([min(1.0, (3 - k) * raw[i]) for k, i in enumerate(ranked)])
+    adjusted = dict(zip(ranked, holm))
+    section = text.split("### 2b. The methods against each other")[1].split("\n## ")[0]
+    assert f"| method | {order[1]} | {order[2]} |" in section
+    for k, (a, b) in enumerate(pairs):
+        difference = 100 * np.mean([by_method[a][s] - by_method[b][s] for s in range(3)])
+        p = adjusted[k]
+        mark = "**" if p < 0.05 else ""
+        p_text = "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+        assert f"{mark}{difference:+.1f}{mark} ({p_text})" in section, (a, b, section)
     # This fake's pre-training gains are significant, its methods' differences not.
     assert text.count(", p = ") + text.count(", p < 0.001") == 3
     assert text.count(", not significant (p = ") == 2

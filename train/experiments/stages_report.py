@@ -369,6 +369,53 @@ def _methods(workdir, runs):
                 "train time", "step memory", "MLM loss before → after"], table_rows),
         "",
         f"![accuracy vs trainable parameters]({os.path.basename(plot)})" if plot else "",
+        "",
+        _pairwise(runs),
+    ])
+
+
+def _pairwise(runs):
+    """Every pair of the encoder's methods (full fine-tuning included) in test accuracy,
+    paired by seed, Holm-adjusted over all the pairs: which differences among the methods
+    are findings, not only each against full fine-tuning."""
+    rows = [(label, by_seed) for label, by_seed, _ in _seeded_methods(runs)
+            if "MiniLM" not in label and len(by_seed) >= 2]
+    if len(rows) < 3:
+        return ""
+    mean = {label: np.mean([_value(r, "test/accuracy") for r in by_seed.values()])
+            for label, by_seed in rows}
+    rows.sort(key=lambda row: -mean[row[0]])
+    pairs = [(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))]
+    tests = []
+    for i, j in pairs:
+        (_, a), (_, b) = rows[i], rows[j]
+        seeds = [s for s in a if s in b]
+        tests.append(statistics.paired_test([_value(b[s], "test/accuracy") for s in seeds],
+                                            [_value(a[s], "test/accuracy") for s in seeds]))
+    adjusted = statistics.holm([t.p_value for t in tests])
+    cells = {}
+    for (i, j), test, p in zip(pairs, tests, adjusted):
+        if test.mean_difference is None:
+            cells[i, j] = "–"
+        else:
+            mark = "**" if p is not None and p < statistics.ALPHA else ""
+            cells[i, j] = (f"{mark}{100 * test.mean_difference:+.1f}{mark} "
+                           + (f"({statistics.format_p(p)})" if p is not None
+                              else f"({test.reason})"))
+    labels = [label for label, _ in rows]
+    significant = sum(1 for p in adjusted if p is not None and p < statistics.ALPHA)
+    return "\n".join([
+        "### 2b. The methods against each other",
+        "",
+        f"Row minus column in test accuracy points (rows and columns by mean accuracy), "
+        f"paired by seed (two-sided paired t-test), the p-value Holm-adjusted over all "
+        f"{len(pairs)} pairs; **bold**: significant at {statistics.ALPHA} after the "
+        f"adjustment ({significant} of {len(pairs)} pairs). A plain cell does not rank the "
+        f"two methods.",
+        "",
+        _table(["method", *labels[1:]], [
+            (label, *(cells.get((i, j), "") for j in range(1, len(rows))))
+            for i, label in enumerate(labels[:-1])]),
     ])
 
 

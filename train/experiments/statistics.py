@@ -96,6 +96,19 @@ def paired_test(a, b, confidence=0.95):
                       float(result.pvalue))
 
 
+def holm(p_values):
+    """Holm's step-down adjustment of a family of p-values (Holm 1979; scipy has only the
+    FDR procedures): the i-th smallest of m is multiplied by m - i, made monotone and
+    capped at 1. Rejecting where the adjusted p < alpha holds the family-wise error rate
+    at alpha over all m tests. None entries (untestable) stay None."""
+    known = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    adjusted, running = [None] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(sorted(known)):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 def format_p(p_value):
     return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.3g}"
 
