@@ -143,6 +143,8 @@ def save_fisher(path, fisher, previous=None):
         with np.load(previous) as f:
             for k in f.files:
                 flat[k] = flat[k] + f[k] if k in flat else f[k]
+    # The first Fisher of a sequence precedes its method's first phase directory.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)

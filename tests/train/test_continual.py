@@ -82,7 +82,8 @@ def test_ewc_penalty_and_its_gradient_match_numpy(tiny, tmp_path):
     # The transform: anchor = the params it is initialised on, F from the file (two
     # files summed: online EWC).
     half = {k: v / 2 for k, v in fisher.items()}
-    first = ewc.save_fisher(str(tmp_path / "f0.npz"), half)
+    # Its method's directory need not exist yet (the first Fisher precedes phase 1's run).
+    first = ewc.save_fisher(str(tmp_path / "seed=0" / "ewc" / "f0.npz"), half)
     path = ewc.save_fisher(str(tmp_path / "f1.npz"), half, previous=first)
     tx = ewc.add_ewc_gradient(strength, path)
     state = tx.init(anchor)
