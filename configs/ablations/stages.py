@@ -9,7 +9,8 @@ written by train/experiments/stages_report.py):
   pretrain   BERT-style MLM pre-training on the training synsets' glosses and examples.
   lr_search  (scale=cpu/full, or lr_search=true) every method of `finetune` and `methods`
              (full fine-tuning included) from the MLM checkpoint at 100% of the labels,
-             one seed, at LR_MULTIPLIERS x its default learning rate: each method's rate
+             one seed, at LR_MULTIPLIERS (scale=full: WIDE_LR_MULTIPLIERS) x its default
+             learning rate: each method's rate
              is the one best on validation accuracy, and `finetune` and `methods` train
              at it (`{best:lr_search:optim.lr}`, train/experiments/ablations.py).
   lr_search_scratch  (with lr_search) the same grid for full training from random init;
@@ -61,6 +62,9 @@ LABEL_FRACTIONS = [0.01, 0.1, 1.0]
 # apart, so three runs span a decade around the table's guess, and a best rate at either
 # end shows the guess was off by more (the report marks it) at a cost of 3 runs a method.
 LR_MULTIPLIERS = (1 / 3, 1.0, 3.0)
+# scale=full (an accelerator's budget) a decade further each way: the scale=cpu search
+# chose an edge for two methods (LoRA the lowest, layer-wise decay the highest).
+WIDE_LR_MULTIPLIERS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
 SCALES = {
     # size, MLM steps, supervised steps, batch, seeds, MiniLM, lr_scale, lr_search, RAG,
     # search.
@@ -73,7 +77,7 @@ SCALES = {
                  lr_search=False,
                  rag="runlocal,gen=smollm2", rag_questions=96, rag_new_facts=40,
                  rag_tuned="", post_train=(), in_context_k=3, in_context=("closed_book",),
-                 search_trials=0),
+                 search_trials=0, lr_multipliers=LR_MULTIPLIERS),
     # The reference run on a 2-core CPU (one to two hours): the demo's tiny model trained
     # longer (4x the MLM steps, ~4x the supervised steps), learning rates searched, four
     # times the RAG questions.
@@ -83,7 +87,8 @@ SCALES = {
                 lr_search=True,
                 rag="runlocal,gen=smollm2", rag_questions=200, rag_new_facts=80,
                 rag_tuned="", post_train=(), in_context_k=3,
-                in_context=("closed_book", "retrieval"), search_trials=8),
+                in_context=("closed_book", "retrieval"), search_trials=8,
+                lr_multipliers=LR_MULTIPLIERS),
     "full": dict(size="mini", mlm_steps=10_000, steps=1500, batch=64, seeds=3,
                  label_fractions=LABEL_FRACTIONS, label_seeds=3,
                  methods=METHODS, minilm_steps=1500, minilm_methods=["full", "lora"],
@@ -92,7 +97,7 @@ SCALES = {
                  rag="gen=smollm2", rag_questions=2000, rag_new_facts=200, in_context_k=3,
                  in_context=("closed_book", "retrieval"),
                  rag_tuned="gen=smollm2,method=lora", post_train=("grpo", "dpo"),
-                 search_trials=8),
+                 search_trials=8, lr_multipliers=WIDE_LR_MULTIPLIERS),
 }
 
 
@@ -145,7 +150,7 @@ def get_ablation(arg=None):
                 title="Learning rate per method, chosen on validation",
                 config=finetune,
                 sweep=dict(grid={"arg.method": list(finetune_methods.METHODS),
-                                 "arg.lr_scale": [s["lr_scale"] * m for m in LR_MULTIPLIERS]},
+                                 "arg.lr_scale": [s["lr_scale"] * m for m in s["lr_multipliers"]]},
                            seeds=[base], metric="validation/accuracy", mode="max"),
                 overrides={"init_from": pretrained, "data.label_fraction": 1.0,
                            **supervised})] if lr_search else []),
@@ -154,7 +159,7 @@ def get_ablation(arg=None):
         *([dict(name="lr_search_scratch", **parallel,
                 title="Learning rate from scratch, chosen on validation",
                 config=f"{finetune},method=full",
-                sweep=dict(grid={"arg.lr_scale": [s["lr_scale"] * m for m in LR_MULTIPLIERS]},
+                sweep=dict(grid={"arg.lr_scale": [s["lr_scale"] * m for m in s["lr_multipliers"]]},
                            seeds=[base], metric="validation/accuracy", mode="max"),
                 overrides={"data.label_fraction": 1.0, **supervised})] if lr_search else []),
         dict(name="scratch", **parallel, title="Training from scratch",

@@ -636,6 +636,10 @@ def test_demo_parts_and_trials_unchanged_unless_lr_search_is_asked(tmp_path):
     for method, values in lrs.items():  # Each method's default x 15 (demo) x 1/3, 1, 3.
         default = finetune_methods.get(method).lr * 15.0
         assert np.allclose(values, [default / 3, default, 3 * default], rtol=1e-9), method
+    # scale=full searches a decade further each way (x 1/9 ... 9; its lr_scale is 3).
+    for name in ("lr_search", "lr_search_scratch"):
+        (wide,) = [p for p in load_stages(tmp_path, "scale=full")[0] if p.name == name]
+        assert wide.spec.grid["arg.lr_scale"] == pytest.approx([3 / 9, 1, 3, 9, 27])
 
 
 def test_parts_declare_how_many_trials_run_at_once_unless_the_command_says(tmp_path):
