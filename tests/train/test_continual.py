@@ -35,6 +35,44 @@ def test_forgetting_and_backward_transfer_match_a_hand_computation():
     assert continual.average_forgetting(R[:1, :1]) == 0.0
 
 
+def test_summary_tests_accuracy_and_forgetting_against_naive_per_seed():
+    """Three seeds of scripted matrices: A and F per seed as the hand computation above,
+    each mitigation against naive by scipy's paired t-test, in results and report."""
+    import types
+
+    from scipy import stats
+
+    shifts = (0.0, 0.05, -0.02)  # Per seed: what the seed does to every method alike.
+    mitigated = np.array([[0.80, 0.10, 0.30], [0.78, 0.88, 0.35], [0.75, 0.72, 0.93]])
+    # Per-seed noise on the mitigation: R[2, 2] moves A only, R[1, 0] F only (task 0's
+    # best accuracy before the end), so both differences vary over seeds: testable.
+    jitter = ((0.0, 0.01), (0.02, -0.01), (0.01, 0.03))
+    matrices = {"naive": [R + s for s in shifts], "replay": []}
+    for s, (on_a, on_f) in zip(shifts, jitter):
+        matrix = mitigated + s
+        matrix[2, 2] += on_a
+        matrix[1, 0] += on_f
+        matrices["replay"].append(matrix)
+    cont = types.SimpleNamespace(seeds=(0, 1, 2), l2sp_strength=1.0, ewc_strength=1000.0)
+    results = continual.summarize({m: [r.tolist() for r in v] for m, v in matrices.items()},
+                                  ("a", "b", "c"), cont, 3)
+    for metric, key in (("average_accuracy", "accuracy_vs_naive"),
+                        ("average_forgetting", "forgetting_vs_naive")):
+        function = getattr(continual, metric)
+        naive, replay = ([function(r) for r in matrices[m]] for m in ("naive", "replay"))
+        assert results["methods"]["replay"][metric] == pytest.approx(replay)
+        vs = results["methods"]["replay"][key]
+        assert vs["difference"] == pytest.approx(np.mean(np.subtract(replay, naive)))
+        assert vs["p_value"] == pytest.approx(stats.ttest_rel(replay, naive).pvalue)
+    results["plot"] = "first_task_accuracy.png"
+    text = continual.report(results, ("a", "b", "c"))
+    (row,) = [line for line in text.splitlines() if line.startswith("| replay |")]
+    a, f = (results["methods"]["replay"][k] for k in ("accuracy_vs_naive",
+                                                       "forgetting_vs_naive"))
+    assert row.endswith(f"| {100 * a['difference']:+.1f} pt, {a['test']} | "
+                        f"{100 * f['difference']:+.1f} pt, {f['test']} |"), row
+
+
 # A tiny model: softmax regression, log p(y | x) = log_softmax(x W + b)[y].
 def log_likelihood(params, batch):
     logits = batch["x"] @ params["w"] + params["b"]

@@ -191,12 +191,14 @@ def summarize(matrices, names, cont, phases):
             "matrices": per_seed, "mean_matrix": np.mean(per_seed, axis=0).tolist(),
             **metrics, **{f"{k}_summary": _summary(v) for k, v in metrics.items()}}
     if "naive" in matrices:
-        naive = out["methods"]["naive"]["average_forgetting"]
+        naive = out["methods"]["naive"]
         for method in matrices:
-            if method != "naive":
-                test = statistics.paired_test(naive, out["methods"][method]
-                                              ["average_forgetting"])
-                out["methods"][method]["forgetting_vs_naive"] = {
+            if method == "naive":
+                continue
+            for metric, key in (("average_forgetting", "forgetting_vs_naive"),
+                                ("average_accuracy", "accuracy_vs_naive")):
+                test = statistics.paired_test(naive[metric], out["methods"][method][metric])
+                out["methods"][method][key] = {
                     "difference": test.mean_difference, "p_value": test.p_value,
                     "test": statistics.format_test(test)}
     return out
@@ -240,17 +242,20 @@ def report(results, names):
     lines = [f"# Continual fine-tuning: {' → '.join(trained)}", "",
              f"Over {n} seed{'s' if n > 1 else ''}: mean ± sd [95% {results['interval']}]. "
              f"A = final average accuracy, F = average forgetting (Chaudhry et al. 2018), "
-             f"BWT = backward transfer (Lopez-Paz & Ranzato 2017); forgetting against naive "
+             f"BWT = backward transfer (Lopez-Paz & Ranzato 2017); A and F against naive "
              f"by a paired t-test over seeds. L2-SP strength {results['strengths']['l2sp']}, "
              f"EWC λ {results['strengths']['ewc']}.", "",
-             "| method | A | F | BWT | F vs naive |", "|---|---|---|---|---|"]
+             "| method | A | F | BWT | A vs naive | F vs naive |", "|---|---|---|---|---|---|"]
+
+    def versus(entry, key):
+        vs = entry.get(key)
+        return "–" if vs is None else (f"{100 * vs['difference']:+.1f} pt, {vs['test']}"
+                                       if vs["difference"] is not None else vs["test"])
     for method, e in results["methods"].items():
-        vs = e.get("forgetting_vs_naive")
-        vs_text = "–" if vs is None else (f"{100 * vs['difference']:+.1f} pt, {vs['test']}"
-                                          if vs["difference"] is not None else vs["test"])
         lines.append(f"| {method} | {_format(e['average_accuracy_summary'], '%')} | "
                      f"{_format(e['average_forgetting_summary'])} | "
-                     f"{_format(e['backward_transfer_summary'])} | {vs_text} |")
+                     f"{_format(e['backward_transfer_summary'])} | "
+                     f"{versus(e, 'accuracy_vs_naive')} | {versus(e, 'forgetting_vs_naive')} |")
     lines += ["", "Mean accuracy matrices R[i, j] (%): row = after training task i, "
               "column = tested on task j (a task not trained yet: its untrained head).", ""]
     for method, e in results["methods"].items():
