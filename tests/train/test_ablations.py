@@ -139,6 +139,7 @@ class FakeTrainer:
 
     def __init__(self, fail=()):
         self.ran, self.fail = [], set(fail)
+        self.post_training_starts = {}  # algo -> (init_from, data.seq_len) it was given.
 
     def __call__(self, trial, config, workdir):
         part = os.path.basename(os.path.dirname(workdir))
@@ -146,6 +147,12 @@ class FakeTrainer:
         if part in self.fail:
             raise RuntimeError("boom")
         os.makedirs(workdir, exist_ok=True)
+        if config.task == "rag" and not config.rag.generator:  # Trains one (rag_tuned).
+            os.makedirs(os.path.join(workdir, "generator"), exist_ok=True)
+            with open(os.path.join(workdir, "generator", "config.json"), "w") as f:
+                json.dump({"data": {"seq_len": 320, "tokenizer_path": "gguf:smollm2"}}, f)
+        if config.task in ("grpo", "dpo"):
+            self.post_training_starts[config.task] = (config.init_from, config.data.seq_len)
         if config.task == "rag":
             results = {"closed_book": {"exact_match": 0.01, "f1": 0.05,
                                        "gold_contained": 0.1,
@@ -380,6 +387,9 @@ def test_post_training_section_and_summary_row_test_each_run_against_its_sft_sta
                                      ablation=(parts, report)) == []
     assert trainer.ran == ["rag_tuned/seed=0", "post_train/algo=grpo,seed=0",
                            "post_train/algo=dpo,seed=0"]
+    # Configs resolved when the part starts: rag_tuned's generator, at its shapes.
+    generator = os.path.join(workdir, "rag_tuned", "seed=0", "generator")
+    assert trainer.post_training_starts == {"grpo": (generator, 320), "dpo": (generator, 320)}
     text = open(os.path.join(workdir, "report.md")).read()
     # GRPO: 12 questions gained, none lost (of 40): exact McNemar = binomial(0 of 12).
     p_grpo = stats.binomtest(0, 12, 0.5).pvalue
