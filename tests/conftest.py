@@ -34,6 +34,9 @@ def _have_wordnet() -> bool:
 
 
 def pytest_collection_modifyitems(session, config, items):
+    # The minute-long end-to-end tests (marked slow) first in each group: started early,
+    # they overlap the short ones instead of ending the session with one worker idle.
+    items.sort(key=lambda it: it.get_closest_marker("slow") is None)  # Stable.
     users = [it for it in items if _FIXTURE in getattr(it, "fixturenames", ())]
     if not users or not _have_wordnet() or config.option.collectonly:
         return
