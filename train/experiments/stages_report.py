@@ -637,11 +637,10 @@ def _post_training_runs(runs):
 def _before_after(results, mode, metric):
     """'12.0% → 15.5% (+3.5, p = 0.02)': the SFT start vs the post-trained end on the
     same held-out questions, McNemar-tested when the run kept per-question scores."""
-    start, end = (_value(results, f"{when}/{mode}") or {} for when in ("start", "end"))
-    text = f"{_pct([start.get(metric)])} → {_pct([end.get(metric)])}"
-    a, b = (_value(r, f"per_question/{metric}") for r in (start, end))
-    return text + (f" ({question_test(a, b, metric)})" if a and b and len(a) == len(b)
-                   else "")
+    start, end = (_value(results, f"{when}/{mode}/{metric}") for when in ("start", "end"))
+    pair = _paired_scores(results, f"start/{mode}", f"end/{mode}", metric)
+    return (f"{_pct([start])} → {_pct([end])}"
+            + (f" ({question_test(*pair, metric)})" if pair else ""))
 
 
 def _post_training(runs):

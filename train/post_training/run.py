@@ -304,8 +304,7 @@ def evaluate(pt, params, ref_params, examples, closed_book):
     cfg, pc = pt.config, pt.config.post_train
     batch_size = int(cfg.data.eval_batch_size)
     greedy = rollout.decode_config(pc, pt.tokenizer, cfg.data.prompt_format, greedy=True)
-    sums = dict(exact_match=0.0, gold_contained=0.0, reward=0.0, format=0.0,
-                answer_tokens=0.0, kl=0.0)
+    sums = dict(reward=0.0, format=0.0, answer_tokens=0.0, kl=0.0)
     scorers = {"exact_match": rewards.exact_match, "gold_contained": rewards.gold_contained}
     per_question = {metric: [] for metric in scorers}
     for start in range(0, len(examples), batch_size):
@@ -326,13 +325,13 @@ def evaluate(pt, params, ref_params, examples, closed_book):
             golds = [ex["answer"]]
             for metric, scorer in scorers.items():
                 per_question[metric].append(scorer(text, golds))
-                sums[metric] += per_question[metric][-1]
             sums["format"] += rewards.format_score(text, finished[i])
             sums["reward"] += rewards.reward(pc.reward, text, golds, finished[i],
                                              pc.format_reward)
             sums["answer_tokens"] += len(answers[i])
             sums["kl"] += float(seq_kl[i])
-    return ({k: v / len(examples) for k, v in sums.items()}
+    means = {k: v / len(examples) for k, v in sums.items()}
+    return (means | {m: sum(scores) / len(examples) for m, scores in per_question.items()}
             | {"count": len(examples), "per_question": per_question})
 
 
